@@ -1,0 +1,218 @@
+"""The public entry point: :func:`group_advantages`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from . import ops
+from .config import AdvantageConfig
+from .reference import reference_group_advantages
+from .types import GroupAdvantages, GroupStats
+
+Backend = Literal["auto", "cpu", "cuda", "triton", "torch"]
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int | None = None,
+    *,
+    offsets: torch.Tensor | None = None,
+    group_index: torch.Tensor | None = None,
+    success: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
+    config: AdvantageConfig | None = None,
+    preset: str | None = None,
+    backend: Backend = "auto",
+    return_index: bool = False,
+    validate: bool = True,
+    **options: Any,
+) -> GroupAdvantages:
+    """Group-relative advantages, success statistics and band masks in one fused pass.
+
+    Args:
+        rewards: ``[N]`` rewards (float16/bfloat16/float32/float64; bool and integers are read
+            as float32), rollouts of one prompt contiguous; or ``[num_groups, G]``.
+        group_size: G, for contiguous groups of equal size.
+        offsets: integer ``[num_groups + 1]`` boundaries of contiguous ragged groups.
+        group_index: integer group id per sample, in any order; per-group outputs are then
+            ordered by ascending id. Sorting by id reads the ids back to the host.
+        success: ``[N]`` bool or float in [0, 1], the raw success that pass rates count;
+            default ``rewards > 0.5``.
+        valid: ``[N]`` bool; invalid samples, and samples whose reward or success is NaN or
+            infinite, are left out of every statistic and get advantage 0.
+        prior: ``[num_groups]`` earlier pass-rate estimate per prompt (accidental-success rule).
+        config: an :class:`AdvantageConfig`; ``preset`` ("trl", "verl", "openrlhf") and keyword
+            ``options`` (its field names) build one instead, or override its fields.
+        backend: "auto", "cpu" (C++), "cuda", "triton" or "torch" (the float64 reference).
+        return_index: also return ``kept_index``, the kept samples' indices, padded with -1.
+        validate: check values that live on the device (offsets, success, prior ranges);
+            False skips those host reads, for CUDA-graph capture. Shape, dtype and device
+            checks always run.
+
+    Returns:
+        :class:`GroupAdvantages`. Advantage of a valid sample of a kept group, for grpo:
+        ``(r - mean) / (std + eps)`` (DeepSeekMath, arXiv 2402.03300); see AdvantageConfig.
+    """
+    cfg = _resolve_config(config, preset, options)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    rewards, group_size, success, valid = _flatten_2d(rewards, group_size, success, valid)
+    layouts = [name for name, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index)) if v is not None]
+    if len(layouts) != 1:
+        raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {layouts or 'none'}")
+    if group_index is not None:
+        return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if validate and not torch.compiler.is_compiling():
+        _check_values(rewards, offsets, success, prior)
+    return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index)
+
+
+def _resolve_config(config: AdvantageConfig | None, preset: str | None, options: dict[str, Any]) -> AdvantageConfig:
+    if config is None:
+        return AdvantageConfig.from_preset(preset, **options)
+    if preset is not None:
+        raise ValueError("give config or preset, not both")
+    if not isinstance(config, AdvantageConfig):
+        raise TypeError(f"config must be an AdvantageConfig, got {type(config).__name__}")
+    return AdvantageConfig.from_preset(None, **{**_fields(config), **options}) if options else config
+
+
+def _fields(config: AdvantageConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def _flatten_2d(rewards, group_size, success, valid):
+    if rewards.dim() != 2:
+        return rewards, group_size, success, valid
+    g = rewards.shape[1]
+    if group_size is not None and group_size != g:
+        raise ValueError(f"rewards has shape {tuple(rewards.shape)}, so group_size must be {g}, got {group_size}")
+
+    def flat(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+        if t is None or t.dim() == 1:
+            return t
+        if t.shape != rewards.shape:
+            raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(t.shape)}")
+        return t.reshape(-1)
+
+    return rewards.reshape(-1), g, flat(success, "success"), flat(valid, "valid")
+
+
+def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
+    """Checks that read tensor values (a host sync on a GPU)."""
+    if offsets is not None and offsets.numel() >= 1 and not offsets.is_floating_point() and offsets.dtype != torch.bool:
+        n = rewards.shape[0] if rewards.dim() == 1 else -1
+        first, last, min_step = (
+            torch.stack([offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0])
+            .tolist()
+        )
+        if first != 0:
+            raise ValueError(f"offsets must start at 0, got {first}")
+        if last != n:
+            raise ValueError(f"offsets must end at N = {n} (the number of rewards), got {last}")
+        if min_step < 0:
+            raise ValueError("offsets must be non-decreasing")
+    if success is not None and success.is_floating_point() and success.numel():
+        s = success[torch.isfinite(success)]
+        if s.numel() and not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError("success must lie in [0, 1] (a bool, or a float credit per sample)")
+    if prior is not None and prior.is_floating_point() and prior.numel():
+        p = prior[~torch.isnan(prior)]
+        if p.numel() and not bool(((p >= 0) & (p <= 1)).all()):
+            raise ValueError("prior must lie in [0, 1] (NaN for prompts with no estimate)")
+
+
+def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index) -> GroupAdvantages:
+    if backend == "torch":
+        return _as_op_dtypes(
+            reference_group_advantages(
+                rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid,
+                prior=prior, config=cfg, return_index=return_index,
+            ),
+            rewards,
+        )  # fmt: skip
+    if backend in ("cpu", "cuda"):
+        if rewards.device.type != backend:
+            raise ValueError(f"backend={backend!r} needs rewards on {backend}, got {rewards.device}")
+        if backend.upper() not in ops.COMPILED:
+            raise RuntimeError(
+                f"backend={backend!r}: bandadv was built without its {backend.upper()} kernel"
+                + (f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else "")
+            )
+    if backend == "triton":
+        raise NotImplementedError("backend='triton' is not available yet")
+    outs = ops.group_advantages_op(
+        rewards, group_size=group_size, offsets=offsets, success=success, valid=valid, prior=prior, config=cfg,
+        return_index=return_index,
+    )  # fmt: skip
+    return _from_op_outputs(outs, return_index)
+
+
+def _from_op_outputs(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
+    adv, sample_mask, reason, group_mask, count, k, mean, std, p, pvar, rvar, num_kept, kept_index = outs
+    stats = GroupStats(count=count, successes=k, mean=mean, std=std, pass_rate=p, success_var=pvar, reward_var=rvar)
+    return GroupAdvantages(
+        advantages=adv, sample_mask=sample_mask, reason=reason, group_mask=group_mask, stats=stats,
+        num_kept=num_kept, kept_index=kept_index if return_index else None,
+    )  # fmt: skip
+
+
+def _as_op_dtypes(out: GroupAdvantages, rewards: torch.Tensor) -> GroupAdvantages:
+    """The reference's float64 results in the dtypes the kernels return."""
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    st = out.stats
+    stats = GroupStats(
+        count=st.count, successes=st.successes.to(acc), mean=st.mean.to(acc), std=st.std.to(acc),
+        pass_rate=st.pass_rate.to(acc), success_var=st.success_var.to(acc), reward_var=st.reward_var.to(acc),
+    )  # fmt: skip
+    return GroupAdvantages(
+        advantages=out.advantages.to(acc), sample_mask=out.sample_mask, reason=out.reason,
+        group_mask=out.group_mask, stats=stats, num_kept=out.num_kept, kept_index=out.kept_index,
+    )  # fmt: skip
+
+
+def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate):
+    """Sorts samples stably by group id, runs on contiguous groups, scatters back."""
+    if group_index.dim() != 1 or group_index.shape[0] != rewards.shape[0]:
+        raise ValueError(f"group_index must have shape [{rewards.shape[0]}] like rewards, got {tuple(group_index.shape)}")
+    if group_index.is_floating_point() or group_index.is_complex() or group_index.dtype == torch.bool:
+        raise ValueError(f"group_index must be an integer tensor, got {group_index.dtype}")
+    if group_index.device != rewards.device:
+        raise ValueError(f"group_index is on {group_index.device} but rewards is on {rewards.device}")
+    order = torch.argsort(group_index, stable=True)
+    _, sizes = torch.unique_consecutive(group_index[order], return_counts=True)
+    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=rewards.device)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[order] if t is not None and t.dim() == 1 and t.shape[0] == order.shape[0] else t
+
+    if validate:
+        _check_values(rewards, None, success, prior)
+    out = _run(rewards[order], 0, offsets, take(success), take(valid), prior, cfg, backend, False)
+    advantages = torch.empty_like(out.advantages).index_put_((order,), out.advantages)
+    sample_mask = torch.empty_like(out.sample_mask).index_put_((order,), out.sample_mask)
+    kept_index = _kept_index(sample_mask) if return_index else None
+    return GroupAdvantages(
+        advantages=advantages, sample_mask=sample_mask, reason=out.reason, group_mask=out.group_mask,
+        stats=out.stats, num_kept=out.num_kept, kept_index=kept_index,
+    )  # fmt: skip
+
+
+def _kept_index(sample_mask: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of True entries, padded with -1, without a host sync."""
+    n = sample_mask.shape[0]
+    slot = torch.cumsum(sample_mask, 0) - 1
+    slot = torch.where(sample_mask, slot, n)  # unkept samples write to a spill slot
+    index = torch.full((n + 1,), -1, dtype=torch.int64, device=sample_mask.device)
+    index.scatter_(0, slot, torch.arange(n, device=sample_mask.device))
+    index[n] = -1
+    return index[:n]

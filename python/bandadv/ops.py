@@ -1,0 +1,139 @@
+"""Op registration: the schema, the fake (meta) kernels and the fallbacks.
+
+Compiled kernels register themselves for the CPU and CUDA dispatch keys when bandadv._C
+loads (csrc/). Where a key has no compiled kernel, the float64 reference is registered in its
+place, so torch.ops.bandadv.group_advantages works on every device; COMPILED says which keys
+have real kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from .config import AdvantageConfig
+from .reference import reference_group_advantages
+
+log = logging.getLogger(__name__)
+
+GROUP_ADVANTAGES_SCHEMA = (
+    "group_advantages(Tensor rewards, int group_size, Tensor? offsets, Tensor? success, Tensor? valid, "
+    "Tensor? prior, str estimator, str scale, bool unbiased, float eps, str singleton, bool mask_all_equal, "
+    "float[]? band, bool band_inclusive, float? min_std, int accidental_max_successes, "
+    "float accidental_prior_max, str accidental_action, float accidental_clip, bool mask_too_few, "
+    "bool return_index) -> (Tensor advantages, Tensor sample_mask, Tensor reason, Tensor group_mask, "
+    "Tensor count, Tensor successes, Tensor mean, Tensor std, Tensor pass_rate, Tensor success_var, "
+    "Tensor reward_var, Tensor num_kept, Tensor kept_index)"
+)
+
+_lib = torch.library.Library("bandadv", "DEF")
+_lib.define(GROUP_ADVANTAGES_SCHEMA)
+
+EXTENSION_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading it registers the compiled kernels)
+except ImportError as error:  # the package still works, on the reference
+    EXTENSION_ERROR = str(error)
+    warnings.warn(
+        f"bandadv: compiled kernels not available ({error}); using the float64 torch reference. "
+        "Build them with `pip install -e . --no-build-isolation`.",
+        stacklevel=2,
+    )
+
+
+def _has_kernel(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bandadv::group_advantages", key)
+
+
+COMPILED: frozenset[str] = frozenset(key for key in ("CPU", "CUDA") if _has_kernel(key))
+
+
+def _reference_op(
+    rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
+    mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
+    accidental_action, accidental_clip, mask_too_few, return_index,
+):  # fmt: skip
+    """The reference with the op's signature and output dtypes."""
+    if rewards.dim() != 1:
+        raise ValueError(f"bandadv.group_advantages: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    config = AdvantageConfig(
+        estimator=estimator, scale=scale, unbiased=unbiased, eps=eps, singleton=singleton,
+        mask_all_equal=mask_all_equal, band=tuple(band) if band is not None else None,
+        band_inclusive=band_inclusive, min_std=min_std, accidental_max_successes=accidental_max_successes,
+        accidental_prior_max=accidental_prior_max, accidental_action=accidental_action,
+        accidental_clip=accidental_clip, mask_too_few=mask_too_few,
+    )  # fmt: skip
+    if group_size < 0 or (group_size > 0) == (offsets is not None):
+        raise ValueError("bandadv.group_advantages: give exactly one group layout: group_size >= 1 or offsets")
+    if group_size > 0 and rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} samples, which is not divisible by group_size={group_size}")
+    out = reference_group_advantages(
+        rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
+        config=config, return_index=return_index,
+    )  # fmt: skip
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    st = out.stats
+    kept_index = out.kept_index if return_index else torch.empty(0, dtype=torch.int64, device=rewards.device)
+    return (
+        out.advantages.to(acc), out.sample_mask, out.reason, out.group_mask, st.count, st.successes.to(acc),
+        st.mean.to(acc), st.std.to(acc), st.pass_rate.to(acc), st.success_var.to(acc), st.reward_var.to(acc),
+        out.num_kept, kept_index,
+    )  # fmt: skip
+
+
+for _key in ("CPU", "CUDA"):
+    if _key not in COMPILED:
+        _lib.impl("group_advantages", _reference_op, _key)
+
+
+@torch.library.register_fake("bandadv::group_advantages")
+def _group_advantages_fake(
+    rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
+    mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
+    accidental_action, accidental_clip, mask_too_few, return_index,
+):  # fmt: skip
+    torch._check(rewards.dim() == 1, lambda: f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    if group_size > 0:
+        torch._check(n % group_size == 0, lambda: f"N={n} is not divisible by group_size={group_size}")
+        num_groups = n // group_size
+    else:
+        torch._check(offsets is not None, lambda: "give a group layout: group_size >= 1 or offsets")
+        num_groups = offsets.shape[0] - 1
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    per_sample = rewards.new_empty(n, dtype=acc)
+    per_group = rewards.new_empty(num_groups, dtype=acc)
+    return (
+        per_sample,
+        rewards.new_empty(n, dtype=torch.bool),
+        rewards.new_empty(num_groups, dtype=torch.int32),
+        rewards.new_empty(num_groups, dtype=torch.bool),
+        rewards.new_empty(num_groups, dtype=torch.int32),
+        per_group,
+        per_group.clone(),
+        per_group.clone(),
+        per_group.clone(),
+        per_group.clone(),
+        per_group.clone(),
+        rewards.new_empty((), dtype=torch.int64),
+        rewards.new_empty(n if return_index else 0, dtype=torch.int64),
+    )
+
+
+def group_advantages_op(
+    rewards: torch.Tensor,
+    *,
+    group_size: int = 0,
+    offsets: torch.Tensor | None = None,
+    success: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
+    config: AdvantageConfig,
+    return_index: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Calls torch.ops.bandadv.group_advantages with a config's options."""
+    return torch.ops.bandadv.group_advantages.default(
+        rewards, group_size, offsets, success, valid, prior, return_index=return_index, **config.op_kwargs()
+    )

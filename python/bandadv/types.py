@@ -1,0 +1,113 @@
+"""Result types of :func:`bandadv.group_advantages`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Reason(enum.IntFlag):
+    """Why a group was flagged; bits of the per-group ``reason`` code (csrc/group_math.h)."""
+
+    ALL_EQUAL = 1  # every valid reward identical: no learning signal
+    BELOW_BAND = 2  # pass rate under the band's low edge
+    ABOVE_BAND = 4  # pass rate over the band's high edge
+    LOW_STD = 8  # reward std <= min_std
+    ACCIDENTAL_SUCCESS = 16  # 1..accidental_max_successes hits on a prompt rated hard
+    TOO_FEW = 32  # fewer than two valid samples
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group success statistics, each a ``[num_groups]`` tensor.
+
+    ``count`` is the number n of valid samples, ``successes`` k the summed success signal,
+    ``pass_rate`` k / n, ``success_var`` p(1 - p) (the learnability of LILO, arXiv 2502.12272),
+    ``reward_var`` the sample variance of the valid rewards (Bessel-corrected when unbiased) and
+    ``std`` its square root. Groups with no valid sample report zeros; groups with one report
+    variance 0.
+    """
+
+    count: torch.Tensor
+    successes: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    pass_rate: torch.Tensor
+    success_var: torch.Tensor
+    reward_var: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GroupAdvantages:
+    """Advantages, masks and statistics of one batch of groups.
+
+    Attributes:
+        advantages: ``[N]`` per-sample advantage, 0 for masked or invalid samples.
+        sample_mask: ``[N]`` bool, True for valid samples of kept groups.
+        reason: ``[num_groups]`` int32 bit set of :class:`Reason`.
+        group_mask: ``[num_groups]`` bool, True for kept groups.
+        stats: :class:`GroupStats`.
+        num_kept: 0-dim int64, the number of kept samples.
+        kept_index: ``[N]`` int64 indices of kept samples in ascending order, padded with -1
+            (only with ``return_index=True``; None otherwise).
+    """
+
+    advantages: torch.Tensor
+    sample_mask: torch.Tensor
+    reason: torch.Tensor
+    group_mask: torch.Tensor
+    stats: GroupStats
+    num_kept: torch.Tensor
+    kept_index: torch.Tensor | None = None
+
+    def compact(self) -> torch.Tensor:
+        """The kept samples' indices without padding (reads num_kept: a host sync)."""
+        if self.kept_index is None:
+            raise ValueError("compact() needs the result of group_advantages(..., return_index=True)")
+        return self.kept_index[: int(self.num_kept)]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for a logger, read back to the host in one transfer."""
+        groups = self.reason.numel()
+        count = self.stats.count
+        seen = count > 0
+        p = self.stats.pass_rate
+        kept_adv = self.advantages[self.sample_mask].abs()
+
+        def frac(flags: torch.Tensor) -> torch.Tensor:
+            return flags.sum(dtype=torch.float64) / max(groups, 1)
+
+        def has(bit: Reason) -> torch.Tensor:
+            return frac((self.reason & int(bit)) != 0)
+
+        values = torch.stack(
+            [
+                frac(self.group_mask),
+                self.num_kept.to(torch.float64) / max(self.advantages.numel(), 1),
+                frac(seen & (p == 1)),
+                frac(seen & (p == 0)),
+                has(Reason.ACCIDENTAL_SUCCESS),
+                has(Reason.BELOW_BAND),
+                has(Reason.ABOVE_BAND),
+                has(Reason.ALL_EQUAL),
+                (p.to(torch.float64) * seen).sum() / seen.sum().clamp(min=1),
+                kept_adv.to(torch.float64).mean() if kept_adv.numel() else p.new_zeros((), dtype=torch.float64),
+                kept_adv.to(torch.float64).max() if kept_adv.numel() else p.new_zeros((), dtype=torch.float64),
+            ]
+        )
+        names = (
+            "kept_fraction",
+            "kept_sample_fraction",
+            "all_correct_fraction",
+            "all_wrong_fraction",
+            "accidental_fraction",
+            "below_band_fraction",
+            "above_band_fraction",
+            "all_equal_fraction",
+            "mean_pass_rate",
+            "mean_abs_advantage",
+            "max_abs_advantage",
+        )
+        return dict(zip(names, values.tolist()))

@@ -1,0 +1,1 @@
+"""Triton kernels of bandadv, shipped as bandadv.triton_kernels."""
