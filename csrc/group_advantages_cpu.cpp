@@ -61,13 +61,16 @@ struct CpuGroupKernel {
       m.successes += success ? success[i] : default_success(r);
     }
     if (m.n == 0) return m;
-    m.mean = sum / acc_t(m.n);
+    const acc_t shift = sum / acc_t(m.n);
+    acc_t sum_d = 0, sum_d2 = 0;
     for (int64_t i = lo; i < hi; ++i) {
       const acc_t r = static_cast<acc_t>(rewards[i]);
       if (!valid_at(i, r)) continue;
-      const acc_t d = r - m.mean;
-      m.m2 += d * d;
+      const acc_t d = r - shift;
+      sum_d += d;
+      sum_d2 += d * d;
     }
+    set_two_pass(m, shift, sum_d, sum_d2);
     return m;
   }
 

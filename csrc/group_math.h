@@ -105,6 +105,17 @@ BANDADV_HD Moments<acc_t> merge_moments(const Moments<acc_t>& a, const Moments<a
   return out;
 }
 
+// Corrected two-pass (Chan, Golub & LeVeque 1983): with d = r - shift, where shift is a
+// first estimate of the mean, the sums of d and d^2 give a mean and centred m2 free of the
+// rounding in that first estimate.
+template <typename acc_t>
+BANDADV_HD void set_two_pass(Moments<acc_t>& m, acc_t shift, acc_t sum_d, acc_t sum_d2) {
+  const acc_t n = acc_t(m.n);
+  m.mean = shift + sum_d / n;
+  m.m2 = sum_d2 - sum_d * (sum_d / n);
+  if (m.m2 < acc_t(0)) m.m2 = acc_t(0);
+}
+
 // Sample variance under the Bessel convention chosen; 0 below two samples.
 template <typename acc_t>
 BANDADV_HD acc_t variance_of(const Moments<acc_t>& m, bool unbiased) {

@@ -1,0 +1,77 @@
+"""Shared helpers: random cases, the backends built here, and comparison with the oracle."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bandadv
+from bandadv import AdvantageConfig, GroupAdvantages
+
+torch.set_num_threads(2)
+
+
+def kernel_backends() -> list[str]:
+    """Backends with a real kernel for CPU tensors in this build (asked of the dispatcher)."""
+    backends = []
+    if "CPU" in bandadv.ops.COMPILED:
+        backends.append("cpu")
+    return backends
+
+
+BACKENDS = [*kernel_backends(), "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def make_offsets(sizes: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
+
+
+def random_rewards(n: int, kind: str, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    if kind == "binary":
+        r = (torch.rand(n, generator=gen) < torch.rand(1, generator=gen)).to(torch.float64)
+    elif kind == "ternary":  # correctness plus a format bonus: many ties
+        r = (torch.rand(n, generator=gen) < 0.5).to(torch.float64) + 0.1 * (torch.rand(n, generator=gen) < 0.5)
+    elif kind == "offset":  # large mean, unit spread: stresses the centred variance
+        r = 1000.0 + torch.randn(n, generator=gen, dtype=torch.float64)
+    else:
+        r = torch.randn(n, generator=gen, dtype=torch.float64) * 2.0
+    return r.to(dtype)
+
+
+def assert_matches_reference(out: GroupAdvantages, ref: GroupAdvantages, *, atol: float = 2e-4, rtol: float = 2e-4):
+    """Compares a backend's result with the float64 oracle: masks exact, numbers close."""
+    torch.testing.assert_close(out.reason, ref.reason, rtol=0, atol=0)
+    torch.testing.assert_close(out.group_mask, ref.group_mask, rtol=0, atol=0)
+    torch.testing.assert_close(out.sample_mask, ref.sample_mask, rtol=0, atol=0)
+    torch.testing.assert_close(out.stats.count, ref.stats.count, rtol=0, atol=0)
+    assert int(out.num_kept) == int(ref.num_kept)
+    if ref.kept_index is not None:
+        torch.testing.assert_close(out.kept_index, ref.kept_index, rtol=0, atol=0)
+    for name in ("successes", "pass_rate", "success_var"):
+        torch.testing.assert_close(getattr(out.stats, name).double(), getattr(ref.stats, name), rtol=1e-6, atol=1e-6)
+    scale = max(1.0, float(ref.stats.mean.abs().max())) if ref.stats.mean.numel() else 1.0
+    torch.testing.assert_close(out.stats.mean.double(), ref.stats.mean, rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(out.stats.std.double(), ref.stats.std, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.stats.reward_var.double(), ref.stats.reward_var, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.advantages.double(), ref.advantages, rtol=rtol, atol=atol)
+    assert out.advantages.dtype == (torch.float64 if ref_is_double(out) else torch.float32)
+
+
+def ref_is_double(out: GroupAdvantages) -> bool:
+    return out.stats.mean.dtype == torch.float64
+
+
+def run_both(rewards, *, backend: str, config: AdvantageConfig, return_index=True, **layout):
+    out = bandadv.group_advantages(rewards, config=config, backend=backend, return_index=return_index, **layout)
+    ref = bandadv.reference_group_advantages(rewards, config=config, return_index=return_index, **layout)
+    return out, ref
+
+
+REQUIRE_EXTENSION = os.environ.get("BANDADV_REQUIRE_EXT") == "1"

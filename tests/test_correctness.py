@@ -1,0 +1,146 @@
+"""Every backend built here against the float64 reference, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_matches_reference, make_offsets, random_rewards, run_both
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bandadv import AdvantageConfig
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+# Sizes around the 1024-sample chunk of the CPU kernel and the warp/block cut-offs of the GPU ones.
+GROUP_SIZES = [1, 2, 3, 7, 16, 31, 32, 33, 64, 127, 512, 1023, 1024, 1025, 2048, 4096]
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("kind", ["binary", "continuous", "offset"])
+def test_fixed_groups(backend, group_size, kind):
+    gen = torch.Generator().manual_seed(group_size * 31 + len(kind))
+    num_groups = max(1, 4096 // group_size) if group_size > 1 else 64
+    rewards = random_rewards(num_groups * group_size, kind, gen)
+    rewards[torch.rand(rewards.shape, generator=gen) < 0.05] = float("nan")
+    out, ref = run_both(rewards, backend=backend, config=AdvantageConfig(band=(0.1, 0.9)), group_size=group_size)
+    assert_matches_reference(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("dr_grpo", None), ("rloo", None)])
+def test_dtypes_and_estimators(backend, dtype, estimator, scale):
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(0, 40, (200,), generator=gen).tolist()
+    rewards = random_rewards(sum(sizes), "ternary", gen, dtype)
+    valid = torch.rand(rewards.shape, generator=gen) > 0.1
+    config = AdvantageConfig(estimator=estimator, scale=scale, mask_all_equal=False, mask_too_few=False)
+    out, ref = run_both(rewards, backend=backend, config=config, offsets=make_offsets(sizes), valid=valid)
+    assert_matches_reference(out, ref)
+    assert out.stats.mean.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_accidental_success_rule_with_prior_and_clip(backend):
+    gen = torch.Generator().manual_seed(3)
+    num_groups, g = 300, 16
+    hits = torch.randint(0, 4, (num_groups,), generator=gen)
+    rewards = (torch.arange(g).expand(num_groups, g) < hits[:, None]).float().flatten()
+    prior = torch.rand(num_groups, generator=gen) * 0.3
+    prior[::7] = float("nan")
+    for action in ("mask", "clip"):
+        config = AdvantageConfig(accidental_max_successes=1, accidental_prior_max=0.15, accidental_action=action, accidental_clip=0.5)
+        out, ref = run_both(rewards, backend=backend, config=config, group_size=g, prior=prior)
+        assert_matches_reference(out, ref)
+        one_hit = hits == 1
+        flagged = (out.reason & 16) != 0
+        expected = one_hit & (torch.isnan(prior) | (prior < 0.15))
+        assert torch.equal(flagged, expected)
+        if action == "clip":
+            in_flagged = flagged.repeat_interleave(g)
+            assert float(out.advantages[in_flagged].max()) <= 0.5 + 1e-6
+            assert float(out.advantages[~in_flagged].max()) > 3.0  # unflagged lone hits keep sqrt(15)
+            assert torch.equal(out.group_mask, ((out.reason & ~16) == 0))
+
+
+def test_group_of_4096_with_large_offset_keeps_advantages_accurate(backend):
+    # Naive E[x^2] - E[x]^2 in float32 loses every digit of the std here (ulp(1e8) = 8); the
+    # corrected two-pass keeps it. Advantages carry float32's own floor: ulp(1e4) / std ~ 1e-3.
+    gen = torch.Generator().manual_seed(11)
+    rewards = (1e4 + torch.randn(4 * 4096, generator=gen, dtype=torch.float64)).float()
+    out, ref = run_both(rewards, backend=backend, config=AdvantageConfig(), group_size=4096)
+    torch.testing.assert_close(out.advantages.double(), ref.advantages, rtol=0, atol=8e-3)
+    torch.testing.assert_close(out.stats.std.double(), ref.stats.std, rtol=1e-3, atol=0)
+
+
+def _config_strategy():
+    return st.builds(
+        AdvantageConfig,
+        estimator=st.sampled_from(["grpo", "dr_grpo", "rloo"]),
+        unbiased=st.booleans(),
+        eps=st.sampled_from([0.0, 1e-9, 1e-6, 1e-4]),
+        singleton=st.sampled_from(["zero", "raw"]),
+        mask_all_equal=st.booleans(),
+        band=st.one_of(st.none(), st.sampled_from([(0.0, 1.0), (0.1, 0.9), (0.25, 0.75), (0.5, 0.5), (0.0, 0.2)])),
+        band_inclusive=st.booleans(),
+        min_std=st.one_of(st.none(), st.sampled_from([0.0, 0.05, 0.3])),
+        accidental_max_successes=st.integers(0, 3),
+        accidental_prior_max=st.sampled_from([0.05, 0.2]),
+        accidental_action=st.sampled_from(["mask", "clip"]),
+        accidental_clip=st.sampled_from([0.0, 0.5, 2.0]),
+        mask_too_few=st.booleans(),
+    )
+
+
+@st.composite
+def cases(draw):
+    config = draw(_config_strategy())
+    if config.estimator == "grpo":
+        config = AdvantageConfig(**{**config.__dict__, "scale": draw(st.sampled_from(["group", "batch", "none"]))})
+    ragged = draw(st.booleans())
+    if ragged:
+        sizes = draw(st.lists(st.integers(0, 12) | st.integers(13, 1100), min_size=0, max_size=30))
+        layout = {"offsets": make_offsets(sizes)}
+        n, num_groups = sum(sizes), len(sizes)
+    else:
+        g = draw(st.integers(1, 40) | st.sampled_from([1024, 1030]))
+        num_groups = draw(st.integers(0, 8 if g > 100 else 40))
+        layout = {"group_size": g}
+        n = g * num_groups
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["binary", "ternary", "continuous"]))
+    dtype = draw(st.sampled_from(DTYPES))
+    rewards = random_rewards(n, kind, gen, torch.float64)
+    bad = torch.rand(n, generator=gen) < draw(st.sampled_from([0.0, 0.1, 0.5]))
+    rewards[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)[torch.randint(0, 3, (n,), generator=gen)][bad]
+    rewards = rewards.to(dtype)
+    extras = {}
+    if draw(st.booleans()):
+        extras["valid"] = torch.rand(n, generator=gen) > 0.2
+    success_kind = draw(st.sampled_from(["default", "bool", "dyadic"]))
+    if success_kind == "bool":
+        extras["success"] = torch.rand(n, generator=gen) < 0.4
+    elif success_kind == "dyadic":  # partial credit in quarters: sums stay exact in float32
+        extras["success"] = torch.randint(0, 5, (n,), generator=gen).to(dtype) / 4
+    if draw(st.booleans()):
+        prior = torch.rand(num_groups, generator=gen)
+        prior[torch.rand(num_groups, generator=gen) < 0.2] = float("nan")
+        extras["prior"] = prior
+    return rewards, layout, extras, config
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+def test_property_matches_reference(backend_name, case):
+    from conftest import BACKENDS
+
+    if backend_name not in BACKENDS:
+        pytest.skip(f"backend {backend_name} not built")
+    rewards, layout, extras, config = case
+    out, ref = run_both(rewards, backend=backend_name, config=config, **layout, **extras)
+    assert_matches_reference(out, ref)
+    # Invariants that hold whatever the options.
+    assert not torch.isnan(out.advantages).any()
+    assert torch.all(out.advantages[~out.sample_mask] == 0)
+    assert torch.all(out.stats.count >= 0)
