@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 
 from . import ops
-from .config import AdvantageConfig
+from .config import OPTION_NAMES, AdvantageConfig
 from .reference import reference_group_advantages
 from .types import GroupAdvantages, GroupStats
 
@@ -82,11 +82,9 @@ def _resolve_config(config: AdvantageConfig | None, preset: str | None, options:
         raise ValueError("give config or preset, not both")
     if not isinstance(config, AdvantageConfig):
         raise TypeError(f"config must be an AdvantageConfig, got {type(config).__name__}")
-    return AdvantageConfig.from_preset(None, **{**_fields(config), **options}) if options else config
-
-
-def _fields(config: AdvantageConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+    if not options:
+        return config
+    return AdvantageConfig.from_preset(None, **{**{name: getattr(config, name) for name in OPTION_NAMES}, **options})
 
 
 def _flatten_2d(rewards, group_size, success, valid):

@@ -96,9 +96,9 @@ class AdvantageConfig:
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> AdvantageConfig:
         """The options of a trainer's preset, with any field overridden by keyword."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        unknown = [name for name in overrides if name not in OPTION_NAMES]
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; options are {[f.name for f in dataclasses.fields(cls)]}")
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; options are {list(OPTION_NAMES)}")
         if preset is None:
             return cls(**overrides)
         _one_of("preset", preset, tuple(PRESETS))
@@ -106,10 +106,12 @@ class AdvantageConfig:
 
     def op_kwargs(self) -> dict[str, Any]:
         """The option arguments of torch.ops.bandadv.group_advantages."""
-        kwargs = dataclasses.asdict(self)
+        kwargs = {name: getattr(self, name) for name in OPTION_NAMES}
         kwargs["band"] = list(self.band) if self.band is not None else None
         return kwargs
 
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdvantageConfig))
 
 # Presets reproduce each trainer's advantage numbers. None of these trainers masks groups by
 # default, so the presets turn the mask rules off; any of them can be turned back on by keyword.
