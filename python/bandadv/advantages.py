@@ -71,6 +71,7 @@ def group_advantages(
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if validate and not torch.compiler.is_compiling():
+        ops.check_inputs(rewards, group_size or 0, offsets, success, valid, prior)  # before reading values
         _check_values(rewards, offsets, success, prior)
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index)
 
@@ -84,7 +85,10 @@ def _resolve_config(config: AdvantageConfig | None, preset: str | None, options:
         raise TypeError(f"config must be an AdvantageConfig, got {type(config).__name__}")
     if not options:
         return config
-    return AdvantageConfig.from_preset(None, **{**{name: getattr(config, name) for name in OPTION_NAMES}, **options})
+    fields = {name: getattr(config, name) for name in OPTION_NAMES}
+    if "estimator" in options and "scale" not in options:
+        del fields["scale"]  # let the new estimator pick its default scale
+    return AdvantageConfig.from_preset(None, **{**fields, **options})
 
 
 def _flatten_2d(rewards, group_size, success, valid):
@@ -106,7 +110,7 @@ def _flatten_2d(rewards, group_size, success, valid):
 
 def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
     """Checks that read tensor values (a host sync on a GPU)."""
-    if offsets is not None and offsets.numel() >= 1 and not offsets.is_floating_point() and offsets.dtype != torch.bool:
+    if offsets is not None and offsets.dim() == 1 and offsets.numel() >= 1 and not offsets.is_floating_point() and offsets.dtype != torch.bool:
         n = rewards.shape[0] if rewards.dim() == 1 else -1
         first, last, min_step = (
             torch.stack([offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0])
@@ -129,6 +133,7 @@ def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
 
 
 def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index) -> GroupAdvantages:
+    ops.check_inputs(rewards, group_size, offsets, success, valid, prior)
     if backend == "torch":
         return _as_op_dtypes(
             reference_group_advantages(

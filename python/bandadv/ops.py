@@ -50,14 +50,58 @@ def _has_kernel(key: str) -> bool:
 COMPILED: frozenset[str] = frozenset(key for key in ("CPU", "CUDA") if _has_kernel(key))
 
 
+def check_inputs(rewards, group_size, offsets, success, valid, prior) -> None:
+    """Shape, dtype and device checks of the op's tensors (no host sync); the compiled kernels
+    make the same checks in csrc/op_common.h."""
+
+    def fail(message: str) -> None:
+        raise ValueError(f"bandadv.group_advantages: {message}")
+
+    def integer(t: torch.Tensor) -> bool:
+        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    if rewards.dim() != 1:
+        fail(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.is_complex():
+        fail(f"rewards must be real, got {rewards.dtype}")
+    n = rewards.shape[0]
+    if group_size < 0:
+        fail(f"group_size must be >= 1, got {group_size}")
+    if (group_size > 0) == (offsets is not None):
+        fail("give exactly one group layout: group_size >= 1 or offsets")
+    if group_size > 0 and n % group_size:
+        fail(f"rewards has {n} samples, which is not divisible by group_size={group_size}")
+    num_groups = n // group_size if group_size > 0 else None
+    if offsets is not None:
+        if not integer(offsets):
+            fail(f"offsets must be an integer tensor, got {offsets.dtype}")
+        if offsets.dim() != 1 or offsets.shape[0] < 1:
+            fail(f"offsets must be 1-D [num_groups + 1] with at least one entry, got shape {tuple(offsets.shape)}")
+        num_groups = offsets.shape[0] - 1
+    for name, t in (("offsets", offsets), ("success", success), ("valid", valid), ("prior", prior)):
+        if t is not None and t.device != rewards.device:
+            fail(f"{name} is on {t.device} but rewards is on {rewards.device}")
+    for name, t in (("success", success), ("valid", valid)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != n):
+            fail(f"{name} must have shape [{n}] like rewards, got {tuple(t.shape)}")
+    if success is not None and success.is_complex():
+        fail(f"success must be bool or real, got {success.dtype}")
+    if valid is not None and valid.dtype != torch.bool:
+        fail(f"valid must be a bool tensor, got {valid.dtype}")
+    if prior is not None:
+        if prior.dim() != 1 or prior.shape[0] != num_groups:
+            fail(f"prior must have shape [num_groups] = [{num_groups}], got {tuple(prior.shape)}")
+        if not prior.is_floating_point():
+            fail(f"prior must be a floating tensor, got {prior.dtype}")
+
+
 def _reference_op(
     rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
     mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
     accidental_action, accidental_clip, mask_too_few, return_index,
 ):  # fmt: skip
     """The reference with the op's signature and output dtypes."""
-    if rewards.dim() != 1:
-        raise ValueError(f"bandadv.group_advantages: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    check_inputs(rewards, group_size, offsets, success, valid, prior)
     config = AdvantageConfig(
         estimator=estimator, scale=scale, unbiased=unbiased, eps=eps, singleton=singleton,
         mask_all_equal=mask_all_equal, band=tuple(band) if band is not None else None,
@@ -65,10 +109,6 @@ def _reference_op(
         accidental_prior_max=accidental_prior_max, accidental_action=accidental_action,
         accidental_clip=accidental_clip, mask_too_few=mask_too_few,
     )  # fmt: skip
-    if group_size < 0 or (group_size > 0) == (offsets is not None):
-        raise ValueError("bandadv.group_advantages: give exactly one group layout: group_size >= 1 or offsets")
-    if group_size > 0 and rewards.numel() % group_size:
-        raise ValueError(f"rewards has {rewards.numel()} samples, which is not divisible by group_size={group_size}")
     out = reference_group_advantages(
         rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
         config=config, return_index=return_index,

@@ -1,0 +1,162 @@
+"""The Python API: layouts, result helpers, empty batches, dtypes, the reference fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REQUIRE_EXTENSION, assert_matches_reference, make_offsets, random_rewards
+
+import bandadv
+from bandadv import AdvantageConfig, Reason
+
+
+def test_readme_example_one_hit_in_sixteen():
+    rewards = torch.zeros(2, 16)
+    rewards[0, 0] = 1.0  # one lucky hit in 16: sqrt(15) with the population std, 15/4 with Bessel's
+    rewards[1, :8] = 1.0
+    plain = bandadv.group_advantages(rewards, mask_all_equal=False, unbiased=False)
+    assert float(plain.advantages[0]) == pytest.approx(15**0.5, rel=1e-5)
+    assert float(bandadv.group_advantages(rewards).advantages[0]) == pytest.approx(15 / 4, rel=1e-5)
+    out = bandadv.group_advantages(rewards, band=(0.1, 0.9), accidental_max_successes=1)
+    assert out.reason.tolist() == [Reason.BELOW_BAND | Reason.ACCIDENTAL_SUCCESS, 0]
+    assert out.group_mask.tolist() == [False, True]
+    assert torch.all(out.advantages[:16] == 0) and out.sample_mask[16:].all()
+    assert out.stats.pass_rate.tolist() == [1 / 16, 0.5]
+    assert out.stats.success_var.tolist() == pytest.approx([15 / 256, 0.25])
+
+
+def test_two_dimensional_rewards_match_flat(backend):
+    rewards = random_rewards(64, "binary", torch.Generator().manual_seed(0)).view(8, 8)
+    a = bandadv.group_advantages(rewards, backend=backend)
+    b = bandadv.group_advantages(rewards.flatten(), 8, backend=backend)
+    assert torch.equal(a.advantages, b.advantages) and torch.equal(a.reason, b.reason)
+
+
+def test_group_index_matches_contiguous_layout(backend):
+    gen = torch.Generator().manual_seed(1)
+    sizes = torch.randint(1, 20, (30,), generator=gen).tolist()
+    rewards = random_rewards(sum(sizes), "ternary", gen)
+    ids = torch.repeat_interleave(torch.arange(30) * 3 + 5, torch.tensor(sizes))  # sparse, ascending ids
+    perm = torch.randperm(ids.numel(), generator=gen)
+    config = AdvantageConfig(band=(0.2, 0.8))
+    contiguous = bandadv.group_advantages(rewards, offsets=make_offsets(sizes), config=config, backend=backend, return_index=True)
+    shuffled = bandadv.group_advantages(rewards[perm], group_index=ids[perm], config=config, backend=backend, return_index=True)
+    torch.testing.assert_close(shuffled.advantages, contiguous.advantages[perm])
+    assert torch.equal(shuffled.sample_mask, contiguous.sample_mask[perm])
+    assert torch.equal(shuffled.reason, contiguous.reason)
+    torch.testing.assert_close(shuffled.stats.mean, contiguous.stats.mean)
+    expected_index = torch.nonzero(shuffled.sample_mask).flatten()
+    assert torch.equal(shuffled.compact(), expected_index)
+    assert torch.all(shuffled.kept_index[expected_index.numel() :] == -1)
+
+
+def test_kept_index_and_compact(backend):
+    rewards = random_rewards(16 * 20, "binary", torch.Generator().manual_seed(2))
+    out = bandadv.group_advantages(rewards, 16, band=(0.2, 0.8), backend=backend, return_index=True)
+    expected = torch.nonzero(out.sample_mask).flatten()
+    assert int(out.num_kept) == expected.numel()
+    assert torch.equal(out.compact(), expected)
+    assert out.kept_index.shape == (320,) and torch.all(out.kept_index[expected.numel() :] == -1)
+    with pytest.raises(ValueError, match="return_index=True"):
+        bandadv.group_advantages(rewards, 16, backend=backend).compact()
+
+
+def test_metrics(backend):
+    rewards = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.float32)
+    out = bandadv.group_advantages(rewards, band=(0.3, 0.9), accidental_max_successes=1, backend=backend)
+    m = out.metrics()
+    assert m["kept_fraction"] == 0.25
+    assert m["kept_sample_fraction"] == 0.25
+    assert m["all_correct_fraction"] == 0.25 and m["all_wrong_fraction"] == 0.25
+    assert m["accidental_fraction"] == 0.25
+    assert m["below_band_fraction"] == 0.5 and m["above_band_fraction"] == 0.25
+    assert m["mean_pass_rate"] == pytest.approx((1 + 0 + 0.25 + 0.5) / 4)
+    assert m["max_abs_advantage"] == pytest.approx(0.5 / ((1 / 3) ** 0.5 + 1e-6), rel=1e-5)
+    assert all(isinstance(v, float) for v in m.values())
+
+
+@pytest.mark.parametrize("layout", ["group_size", "offsets", "group_index"])
+def test_empty_batch(backend, layout):
+    rewards = torch.empty(0)
+    kwargs = {
+        "group_size": {"group_size": 8},
+        "offsets": {"offsets": torch.zeros(1, dtype=torch.long)},
+        "group_index": {"group_index": torch.empty(0, dtype=torch.long)},
+    }[layout]
+    out = bandadv.group_advantages(rewards, backend=backend, return_index=True, **kwargs)
+    assert out.advantages.shape == (0,) and out.reason.shape == (0,) and int(out.num_kept) == 0
+    assert out.metrics()["kept_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])
+def test_bool_and_integer_rewards_read_as_float32(backend, dtype):
+    rewards = (torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5).to(dtype)
+    out = bandadv.group_advantages(rewards, 8, backend=backend)
+    ref = bandadv.reference_group_advantages(rewards.float(), group_size=8)
+    assert out.advantages.dtype == torch.float32
+    assert_matches_reference(out, ref)
+
+
+def test_success_separate_from_shaped_reward(backend):
+    # Shaped rewards (format bonus) must not move the pass rate: success drives the band.
+    correct = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    shaped = correct.float() + 0.6  # every sample above 0.5: the default rule would call all of them correct
+    default = bandadv.group_advantages(shaped, 8, band=(0.05, 0.95), backend=backend)
+    given = bandadv.group_advantages(shaped, 8, band=(0.05, 0.95), success=correct, backend=backend)
+    assert default.stats.pass_rate.item() == 1.0 and default.reason.item() & Reason.ABOVE_BAND
+    assert given.stats.pass_rate.item() == 0.125 and given.group_mask.item()
+
+
+def test_non_finite_rewards_are_invalid_not_numbers(backend):
+    rewards = torch.tensor([1.0, float("nan"), 0.0, float("inf"), 1.0, -float("inf"), 0.0, 0.0])
+    out = bandadv.group_advantages(rewards, 8, backend=backend)
+    clean = bandadv.group_advantages(rewards[[0, 2, 4, 6, 7]], 5, backend=backend)
+    assert out.stats.count.item() == 5
+    torch.testing.assert_close(out.advantages[[0, 2, 4, 6, 7]], clean.advantages)
+    assert out.advantages[[1, 3, 5]].tolist() == [0, 0, 0] and not out.sample_mask[[1, 3, 5]].any()
+
+
+def test_config_overrides():
+    base = AdvantageConfig(band=(0.1, 0.9))
+    out = bandadv.group_advantages(torch.rand(16), 4, config=base, estimator="rloo")
+    assert out.advantages.shape == (16,)
+    assert AdvantageConfig.from_preset("trl", eps=1e-3).eps == 1e-3
+    assert AdvantageConfig.from_preset("verl").singleton == "raw"
+    assert AdvantageConfig(estimator="rloo").scale == "none" and AdvantageConfig().scale == "group"
+
+
+def test_backend_cpu_refuses_what_it_cannot_run():
+    if "CPU" not in bandadv.ops.COMPILED:
+        with pytest.raises(RuntimeError, match="without its CPU kernel"):
+            bandadv.group_advantages(torch.rand(8), 4, backend="cpu")
+    with pytest.raises(ValueError, match="needs rewards on cuda"):
+        bandadv.group_advantages(torch.rand(8), 4, backend="cuda")
+
+
+def test_extension_built_when_required():
+    # `make test` sets BANDADV_REQUIRE_EXT=1, so a broken C++ build fails CI instead of skipping.
+    if not REQUIRE_EXTENSION:
+        pytest.skip("BANDADV_REQUIRE_EXT is not set")
+    assert "CPU" in bandadv.ops.COMPILED, bandadv.ops.EXTENSION_ERROR
+
+
+def test_import_without_extension_warns_and_uses_reference():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['bandadv._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, bandadv\n"
+        "assert any('compiled kernels not available' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert bandadv.ops.COMPILED == frozenset()\n"
+        "out = bandadv.group_advantages(torch.tensor([1., 0, 0, 1]), 4)\n"
+        "print(out.advantages.tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert result.returncode == 0, result.stderr
+    values = eval(result.stdout.strip().splitlines()[-1])
+    assert values == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], rel=1e-5)
