@@ -16,7 +16,11 @@ def extensions():
     if os.environ.get("BANDADV_SKIP_EXT") == "1":
         return []
     sources = ["csrc/group_advantages_cpu.cpp"]
-    return [CppExtension("bandadv._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args={"cxx": CXX_FLAGS})]
+    return [
+        CppExtension(
+            "bandadv._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args={"cxx": CXX_FLAGS}
+        )
+    ]
 
 
 setup(

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REQUIRE_EXTENSION, assert_matches_reference, make_offsets, random_rewards
 
 import bandadv
 from bandadv import AdvantageConfig, Reason
+from conftest import REQUIRE_EXTENSION, assert_matches_reference, make_offsets, random_rewards
 
 
 def test_readme_example_one_hit_in_sixteen():
@@ -43,8 +43,12 @@ def test_group_index_matches_contiguous_layout(backend):
     ids = torch.repeat_interleave(torch.arange(30) * 3 + 5, torch.tensor(sizes))  # sparse, ascending ids
     perm = torch.randperm(ids.numel(), generator=gen)
     config = AdvantageConfig(band=(0.2, 0.8))
-    contiguous = bandadv.group_advantages(rewards, offsets=make_offsets(sizes), config=config, backend=backend, return_index=True)
-    shuffled = bandadv.group_advantages(rewards[perm], group_index=ids[perm], config=config, backend=backend, return_index=True)
+    contiguous = bandadv.group_advantages(
+        rewards, offsets=make_offsets(sizes), config=config, backend=backend, return_index=True
+    )
+    shuffled = bandadv.group_advantages(
+        rewards[perm], group_index=ids[perm], config=config, backend=backend, return_index=True
+    )
     torch.testing.assert_close(shuffled.advantages, contiguous.advantages[perm])
     assert torch.equal(shuffled.sample_mask, contiguous.sample_mask[perm])
     assert torch.equal(shuffled.reason, contiguous.reason)

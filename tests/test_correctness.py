@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matches_reference, make_offsets, random_rewards, run_both
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bandadv import AdvantageConfig
+from conftest import assert_matches_reference, make_offsets, random_rewards, run_both
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -28,7 +28,9 @@ def test_fixed_groups(backend, group_size, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("dr_grpo", None), ("rloo", None)])
+@pytest.mark.parametrize(
+    "estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("dr_grpo", None), ("rloo", None)]
+)
 def test_dtypes_and_estimators(backend, dtype, estimator, scale):
     gen = torch.Generator().manual_seed(7)
     sizes = torch.randint(0, 40, (200,), generator=gen).tolist()
@@ -48,7 +50,9 @@ def test_accidental_success_rule_with_prior_and_clip(backend):
     prior = torch.rand(num_groups, generator=gen) * 0.3
     prior[::7] = float("nan")
     for action in ("mask", "clip"):
-        config = AdvantageConfig(accidental_max_successes=1, accidental_prior_max=0.15, accidental_action=action, accidental_clip=0.5)
+        config = AdvantageConfig(
+            accidental_max_successes=1, accidental_prior_max=0.15, accidental_action=action, accidental_clip=0.5
+        )
         out, ref = run_both(rewards, backend=backend, config=config, group_size=g, prior=prior)
         assert_matches_reference(out, ref)
         one_hit = hits == 1
@@ -112,7 +116,9 @@ def cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     rewards = random_rewards(n, kind, gen, torch.float64)
     bad = torch.rand(n, generator=gen) < draw(st.sampled_from([0.0, 0.1, 0.5]))
-    rewards[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)[torch.randint(0, 3, (n,), generator=gen)][bad]
+    rewards[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)[
+        torch.randint(0, 3, (n,), generator=gen)
+    ][bad]
     rewards = rewards.to(dtype)
     extras = {}
     if draw(st.booleans()):

@@ -22,7 +22,11 @@ BAD_CALLS = [
     ("group_size float", lambda b: ga(R, 4.0, backend=b), "group_size"),
     ("no layout", lambda b: ga(R, backend=b), "group layout"),
     ("two layouts", lambda b: ga(R, 4, offsets=torch.tensor([0, 12]), backend=b), "group layout"),
-    ("three layouts", lambda b: ga(R, 4, offsets=torch.tensor([0, 12]), group_index=torch.zeros(12, dtype=torch.long), backend=b), "group layout"),
+    (
+        "three layouts",
+        lambda b: ga(R, 4, offsets=torch.tensor([0, 12]), group_index=torch.zeros(12, dtype=torch.long), backend=b),
+        "group layout",
+    ),
     ("float offsets", lambda b: ga(R, offsets=torch.tensor([0.0, 12.0]), backend=b), "offsets must be an integer"),
     ("offsets start", lambda b: ga(R, offsets=torch.tensor([1, 12]), backend=b), "offsets must start at 0"),
     ("offsets end", lambda b: ga(R, offsets=torch.tensor([0, 11]), backend=b), "offsets must end at N"),
@@ -43,7 +47,11 @@ BAD_CALLS = [
     ("eps negative", lambda b: ga(R, 4, eps=-1e-6, backend=b), "eps"),
     ("estimator", lambda b: ga(R, 4, estimator="ppo", backend=b), "estimator must be one of"),
     ("scale", lambda b: ga(R, 4, scale="global", backend=b), "scale must be one of"),
-    ("scale for rloo", lambda b: ga(R, 4, estimator="rloo", scale="group", backend=b), "scale applies to estimator='grpo' only"),
+    (
+        "scale for rloo",
+        lambda b: ga(R, 4, estimator="rloo", scale="group", backend=b),
+        "scale applies to estimator='grpo' only",
+    ),
     ("preset", lambda b: ga(R, 4, preset="deepspeed", backend=b), "preset must be one of"),
     ("unknown option", lambda b: ga(R, 4, bandd=(0.1, 0.9), backend=b), "unknown option"),
     ("config and preset", lambda b: ga(R, 4, config=AdvantageConfig(), preset="trl", backend=b), "config or preset"),
@@ -52,7 +60,11 @@ BAD_CALLS = [
     ("accidental action", lambda b: ga(R, 4, accidental_action="drop", backend=b), "accidental_action"),
     ("backend", lambda b: ga(R, 4, backend="tpu"), "backend must be one of"),
     ("group_index dtype", lambda b: ga(R, group_index=torch.zeros(12), backend=b), "group_index must be an integer"),
-    ("group_index shape", lambda b: ga(R, group_index=torch.zeros(11, dtype=torch.long), backend=b), "group_index must have shape"),
+    (
+        "group_index shape",
+        lambda b: ga(R, group_index=torch.zeros(11, dtype=torch.long), backend=b),
+        "group_index must have shape",
+    ),
 ]
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_offsets, random_rewards
 
 import bandadv
 from bandadv import AdvantageConfig
+from conftest import make_offsets, random_rewards
 
 op = torch.ops.bandadv.group_advantages.default
 
 
-def _op_args(rewards, *, group_size=0, offsets=None, success=None, valid=None, prior=None, config=None, return_index=False):
+def _op_args(
+    rewards, *, group_size=0, offsets=None, success=None, valid=None, prior=None, config=None, return_index=False
+):
     cfg = config or AdvantageConfig()
     return (rewards, group_size, offsets, success, valid, prior), {**cfg.op_kwargs(), "return_index": return_index}
 
@@ -73,7 +75,7 @@ def test_torch_compile_with_offsets_and_index():
     rewards = random_rewards(sum(sizes), "binary", gen)
     torch._dynamo.reset()
     compiled = torch.compile(kept, fullgraph=True, backend="eager")
-    for a, b in zip(compiled(rewards, make_offsets(sizes)), kept(rewards, make_offsets(sizes))):
+    for a, b in zip(compiled(rewards, make_offsets(sizes)), kept(rewards, make_offsets(sizes)), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -84,7 +86,9 @@ def test_deterministic_across_runs_and_thread_counts(backend):
     config = AdvantageConfig(scale="batch", band=(0.1, 0.9))
 
     def run():
-        out = bandadv.group_advantages(rewards, offsets=make_offsets(sizes), config=config, backend=backend, return_index=True)
+        out = bandadv.group_advantages(
+            rewards, offsets=make_offsets(sizes), config=config, backend=backend, return_index=True
+        )
         return [out.advantages, out.stats.mean, out.stats.std, out.kept_index]
 
     threads = torch.get_num_threads()
@@ -95,5 +99,5 @@ def test_deterministic_across_runs_and_thread_counts(backend):
     finally:
         torch.set_num_threads(threads)
     again = run()
-    for a, b, c in zip(first, single, again):
+    for a, b, c in zip(first, single, again, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)

@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import make_offsets
 
 import bandadv
+from conftest import make_offsets
 
 
 def _trl_nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -108,7 +108,9 @@ def test_verl_grpo_and_rloo_with_singletons(backend):
     index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).tolist()
     out = bandadv.group_advantages(rewards, offsets=make_offsets(sizes), preset="verl", backend=backend)
     torch.testing.assert_close(out.advantages, verl_grpo(rewards, index), rtol=1e-5, atol=1e-5)
-    out = bandadv.group_advantages(rewards, offsets=make_offsets(sizes), preset="verl", estimator="rloo", backend=backend)
+    out = bandadv.group_advantages(
+        rewards, offsets=make_offsets(sizes), preset="verl", estimator="rloo", backend=backend
+    )
     torch.testing.assert_close(out.advantages, verl_rloo(rewards, index), rtol=1e-5, atol=1e-5)
 
 
@@ -130,5 +132,7 @@ def test_openrlhf(backend, estimator):
 def test_openrlhf_dynamic_filtering_uses_strict_bounds(backend):
     # OpenRLHF keeps a group when low < mean reward < high (strict); bandadv's band_inclusive=False.
     rewards = (torch.arange(8).expand(9, 8) < torch.arange(9)[:, None]).float().flatten()  # 0..8 hits of 8
-    out = bandadv.group_advantages(rewards, 8, preset="openrlhf", band=(0.0, 1.0), band_inclusive=False, backend=backend)
+    out = bandadv.group_advantages(
+        rewards, 8, preset="openrlhf", band=(0.0, 1.0), band_inclusive=False, backend=backend
+    )
     assert out.group_mask.tolist() == [False] + [True] * 7 + [False]

@@ -63,7 +63,11 @@ def group_advantages(
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     rewards, group_size, success, valid = _flatten_2d(rewards, group_size, success, valid)
-    layouts = [name for name, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index)) if v is not None]
+    layouts = [
+        name
+        for name, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index))
+        if v is not None
+    ]
     if len(layouts) != 1:
         raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {layouts or 'none'}")
     if group_index is not None:
@@ -110,12 +114,17 @@ def _flatten_2d(rewards, group_size, success, valid):
 
 def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
     """Checks that read tensor values (a host sync on a GPU)."""
-    if offsets is not None and offsets.dim() == 1 and offsets.numel() >= 1 and not offsets.is_floating_point() and offsets.dtype != torch.bool:
+    if (
+        offsets is not None
+        and offsets.dim() == 1
+        and offsets.numel() >= 1
+        and not offsets.is_floating_point()
+        and offsets.dtype != torch.bool
+    ):
         n = rewards.shape[0] if rewards.dim() == 1 else -1
-        first, last, min_step = (
-            torch.stack([offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0])
-            .tolist()
-        )
+        first, last, min_step = torch.stack(
+            [offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0]
+        ).tolist()
         if first != 0:
             raise ValueError(f"offsets must start at 0, got {first}")
         if last != n:
@@ -185,7 +194,9 @@ def _as_op_dtypes(out: GroupAdvantages, rewards: torch.Tensor) -> GroupAdvantage
 def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate):
     """Sorts samples stably by group id, runs on contiguous groups, scatters back."""
     if group_index.dim() != 1 or group_index.shape[0] != rewards.shape[0]:
-        raise ValueError(f"group_index must have shape [{rewards.shape[0]}] like rewards, got {tuple(group_index.shape)}")
+        raise ValueError(
+            f"group_index must have shape [{rewards.shape[0]}] like rewards, got {tuple(group_index.shape)}"
+        )
     if group_index.is_floating_point() or group_index.is_complex() or group_index.dtype == torch.bool:
         raise ValueError(f"group_index must be an integer tensor, got {group_index.dtype}")
     if group_index.device != rewards.device:

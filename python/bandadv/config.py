@@ -125,7 +125,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # openrlhf/trainer/ppo_utils/experience_maker.py, advantage_estimator="group_norm":
     # (r - mean) / (std + 1e-9) with torch.std. A lone sample there gives 0 / NaN = NaN;
     # bandadv gives it advantage 0 instead of a NaN.
-    "openrlhf": dict(estimator="grpo", eps=1e-9, unbiased=True, singleton="zero", mask_all_equal=False, mask_too_few=False),
+    "openrlhf": dict(
+        estimator="grpo", eps=1e-9, unbiased=True, singleton="zero", mask_all_equal=False, mask_too_few=False
+    ),
 }
 
 

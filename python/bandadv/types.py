@@ -110,4 +110,4 @@ class GroupAdvantages:
             "mean_abs_advantage",
             "max_abs_advantage",
         )
-        return dict(zip(names, values.tolist()))
+        return dict(zip(names, values.tolist(), strict=True))
