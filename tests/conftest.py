@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 
-import pytest
+# Without a GPU, Triton kernels run on the CPU interpreter; it must be chosen before triton is
+# imported (torch.compile's inductor imports it).
+if "TRITON_INTERPRET" not in os.environ and not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 import torch
 
 import bandadv
@@ -18,6 +24,8 @@ def kernel_backends() -> list[str]:
     backends = []
     if "CPU" in bandadv.ops.COMPILED:
         backends.append("cpu")
+    if bandadv.ops.triton_available() and bandadv.ops.triton_interpreting():
+        backends.append("triton")
     return backends
 
 

@@ -137,7 +137,7 @@ def cases(draw):
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
-@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("backend_name", ["cpu", "triton", "torch"])
 def test_property_matches_reference(backend_name, case):
     from conftest import BACKENDS
 

@@ -159,9 +159,11 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
                 f"backend={backend!r}: bandadv was built without its {backend.upper()} kernel"
                 + (f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else "")
             )
-    if backend == "triton":
-        raise NotImplementedError("backend='triton' is not available yet")
-    outs = ops.group_advantages_op(
+    use_triton = backend == "triton" or (
+        backend == "auto" and rewards.device.type == "cuda" and "CUDA" not in ops.COMPILED and ops.triton_available()
+    )
+    run_op = ops.group_advantages_triton_op if use_triton else ops.group_advantages_op
+    outs = run_op(
         rewards, group_size=group_size, offsets=offsets, success=success, valid=valid, prior=prior, config=cfg,
         return_index=return_index,
     )  # fmt: skip

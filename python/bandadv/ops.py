@@ -8,7 +8,9 @@ have real kernels.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import warnings
 
 import torch
@@ -177,3 +179,62 @@ def group_advantages_op(
     return torch.ops.bandadv.group_advantages.default(
         rewards, group_size, offsets, success, valid, prior, return_index=return_index, **config.op_kwargs()
     )
+
+
+# --- Triton --------------------------------------------------------------------------------
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _triton_launcher():
+    from .triton_kernels.group_advantage import group_advantages_triton
+
+    if triton_interpreting():
+        # triton_op/wrap_triton reject interpreted kernels: call the launcher directly.
+        return group_advantages_triton
+
+    schema = GROUP_ADVANTAGES_SCHEMA.replace("group_advantages(", "group_advantages_triton(", 1)
+
+    @torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=(), schema=schema)
+    def _op(*args):
+        return group_advantages_triton(*args, wrap=torch.library.wrap_triton)
+
+    torch.library.register_fake("bandadv::group_advantages_triton")(_group_advantages_fake)
+    return torch.ops.bandadv.group_advantages_triton.default
+
+
+def group_advantages_triton_op(
+    rewards: torch.Tensor,
+    *,
+    group_size: int = 0,
+    offsets: torch.Tensor | None = None,
+    success: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
+    config: AdvantageConfig,
+    return_index: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The Triton kernel: torch.ops.bandadv.group_advantages_triton on CUDA tensors, or the
+    kernel called directly under the CPU interpreter."""
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package")
+    if rewards.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {rewards.device}; set TRITON_INTERPRET=1 before "
+            "triton is imported to run the Triton kernel on the CPU interpreter"
+        )
+    launch = _triton_launcher()
+    return launch(rewards, group_size, offsets, success, valid, prior, return_index=return_index, **config.op_kwargs())

@@ -1,0 +1,46 @@
+"""Triton-specific behaviour. The Triton kernel also runs through every backend-parametrized
+test (correctness, presets, API, errors) under TRITON_INTERPRET=1 on the CPU; see conftest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BACKENDS, assert_matches_reference, make_offsets, random_rewards, run_both
+
+import bandadv
+from bandadv import AdvantageConfig
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not active")
+
+
+def test_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        bandadv.group_advantages(torch.rand(8), 4, backend="triton")
+
+
+@pytest.mark.parametrize("group_size", [1, 16, 1000, 4096])
+def test_large_and_small_groups_share_a_program(group_size):
+    # Groups longer than one BLOCK (1024) loop and Chan-merge; small ones pack ROWS per program.
+    gen = torch.Generator().manual_seed(group_size)
+    rewards = random_rewards(max(1, 8192 // group_size) * group_size, "continuous", gen)
+    out, ref = run_both(rewards, backend="triton", config=AdvantageConfig(scale="batch"), group_size=group_size)
+    assert_matches_reference(out, ref)
+
+
+def test_ragged_tile_mixes_long_and_empty_groups():
+    gen = torch.Generator().manual_seed(5)
+    sizes = [0, 3000, 1, 0, 17, 2049, 2, 0]
+    rewards = random_rewards(sum(sizes), "ternary", gen, torch.float16)
+    valid = torch.rand(sum(sizes), generator=gen) > 0.3
+    config = AdvantageConfig(band=(0.2, 0.8), band_inclusive=False, singleton="raw", mask_too_few=False)
+    out, ref = run_both(rewards, backend="triton", config=config, offsets=make_offsets(sizes), valid=valid)
+    assert_matches_reference(out, ref)
+
+
+def test_band_edges_compare_in_float64():
+    # 27 of 30 is exactly the float64 0.9: inside an inclusive band, on the edge of a strict one.
+    rewards = (torch.arange(30) < 27).float().repeat(4)
+    for inclusive, expected in ((True, 0), (False, int(bandadv.Reason.ABOVE_BAND))):
+        out = bandadv.group_advantages(rewards, 30, band=(0.1, 0.9), band_inclusive=inclusive, backend="triton")
+        assert out.reason.tolist() == [expected] * 4
