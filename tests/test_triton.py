@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, assert_matches_reference, make_offsets, random_rewards, run_both
 
 import bandadv
 from bandadv import AdvantageConfig
+from conftest import BACKENDS, assert_matches_reference, make_offsets, random_rewards, run_both
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not active")
 
