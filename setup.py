@@ -1,26 +1,55 @@
-"""Builds bandadv._C: the C++ CPU kernels (and, once they exist, the CUDA kernels).
+"""Builds bandadv._C: the C++ CPU kernel and, where torch has CUDA and nvcc is found, the CUDA kernel.
 
 Environment:
-  BANDADV_SKIP_EXT=1   build no native code; the package then runs on its torch reference.
+  BANDADV_SKIP_EXT=1     build no native code; the package then runs on its torch reference.
+  BANDADV_FORCE_CUDA=1   build the CUDA kernel even where no nvcc/CUDA torch was detected.
+  BANDADV_SKIP_CUDA=1    build the CPU kernel only.
+  BANDADV_CUDA_ARCHS     semicolon-separated compute capabilities, default "80;90" (PTX of the last
+                         is embedded too, for newer GPUs).
 """
 
+import glob
 import os
+import shutil
 
+# torch finds CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link would make that /usr/local.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 CXX_FLAGS = ["-O3", "-std=c++20"]
+
+
+def want_cuda() -> bool:
+    if os.environ.get("BANDADV_SKIP_CUDA") == "1":
+        return False
+    if os.environ.get("BANDADV_FORCE_CUDA") == "1":
+        return True
+    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    return bool(torch.version.cuda and (nvcc or shutil.which("nvcc")))
+
+
+def nvcc_flags() -> list[str]:
+    archs = [a.strip().replace(".", "") for a in os.environ.get("BANDADV_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
 
 
 def extensions():
     if os.environ.get("BANDADV_SKIP_EXT") == "1":
         return []
     sources = ["csrc/group_advantages_cpu.cpp"]
-    return [
-        CppExtension(
-            "bandadv._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args={"cxx": CXX_FLAGS}
-        )
-    ]
+    include = [os.path.abspath("csrc")]
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+        flags = {"cxx": CXX_FLAGS, "nvcc": nvcc_flags()}
+        return [CUDAExtension("bandadv._C", sources, include_dirs=include, extra_compile_args=flags)]
+    return [CppExtension("bandadv._C", sources, include_dirs=include, extra_compile_args={"cxx": CXX_FLAGS})]
 
 
 setup(

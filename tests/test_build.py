@@ -1,0 +1,67 @@
+"""The build: kernels registered with the dispatcher, and a wheel that installs and runs."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import bandadv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cuda_kernel_registered_when_built():
+    # .ci/run sets BANDADV_REQUIRE_CUDA=1: torch there is a CUDA build and nvcc is installed, so a
+    # change that breaks the CUDA build fails CI even though nothing runs on a GPU there.
+    if os.environ.get("BANDADV_REQUIRE_CUDA") != "1":
+        pytest.skip("BANDADV_REQUIRE_CUDA is not set")
+    assert "CUDA" in bandadv.ops.COMPILED, bandadv.ops.EXTENSION_ERROR
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bandadv::group_advantages", "CUDA")
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_in_fresh_venv(tmp_path):
+    env = {**os.environ, "BANDADV_CUDA_ARCHS": os.environ.get("BANDADV_CUDA_ARCHS", "80")}
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps", "-q", "-w", str(tmp_path)],
+        check=True, env=env, timeout=1800,
+    )  # fmt: skip
+    (wheel,) = glob.glob(str(tmp_path / "bandadv-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("bandadv/_C") and n.endswith(".so") for n in names), names
+    assert "bandadv/triton_kernels/group_advantage.py" in names
+    assert not any(n.startswith("triton_kernels/") for n in names)  # never a top-level package
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    # torch comes from this interpreter's site-packages (a plain path entry: its .pth files, such
+    # as this checkout's editable install of bandadv, are not processed there).
+    (site / "_torch_from_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
+    smoke = (
+        "import os, torch, bandadv\n"
+        "assert bandadv.__file__.startswith(os.environ['SITE']), bandadv.__file__\n"
+        "r = (torch.rand(64) < 0.5).float()\n"
+        "ref = bandadv.group_advantages(r, 8, backend='torch')\n"
+        "backends = ['cpu'] + (['triton'] if bandadv.ops.triton_available() and bandadv.ops.triton_interpreting() else [])\n"
+        "for b in backends:\n"
+        "    out = bandadv.group_advantages(r, 8, backend=b)\n"
+        "    torch.testing.assert_close(out.advantages, ref.advantages)\n"
+        "print('ok', sorted(bandadv.ops.COMPILED), backends)\n"
+    )
+    result = subprocess.run(
+        [python, "-c", smoke], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SITE": str(site), "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "'CPU'" in result.stdout
