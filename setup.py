@@ -20,7 +20,9 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CXX_FLAGS = ["-O3", "-std=c++20"]
+# -fopenmp: at::parallel_for is inlined into this library and parallelises through OpenMP pragmas.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 
 
 def want_cuda() -> bool:
@@ -48,8 +50,20 @@ def extensions():
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         flags = {"cxx": CXX_FLAGS, "nvcc": nvcc_flags()}
-        return [CUDAExtension("bandadv._C", sources, include_dirs=include, extra_compile_args=flags)]
-    return [CppExtension("bandadv._C", sources, include_dirs=include, extra_compile_args={"cxx": CXX_FLAGS})]
+        return [
+            CUDAExtension(
+                "bandadv._C", sources, include_dirs=include, extra_compile_args=flags, extra_link_args=LINK_FLAGS
+            )
+        ]
+    return [
+        CppExtension(
+            "bandadv._C",
+            sources,
+            include_dirs=include,
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=LINK_FLAGS,
+        )
+    ]
 
 
 setup(

@@ -14,7 +14,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BANDADV_HD __host__ __device__ __forceinline__
 #else
-#define BANDADV_HD inline
+#define BANDADV_HD inline __attribute__((always_inline))
 #endif
 
 namespace bandadv {
@@ -215,12 +215,12 @@ BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t> m, bool has_prior, acc
 
 template <typename acc_t>
 BANDADV_HD acc_t sample_advantage(acc_t reward, const GroupResult<acc_t>& g) {
-  // A zero denominator only arises with eps == 0 on a zero-spread group, where
-  // every centred reward is exactly 0: the advantage is 0, not 0 / 0.
-  if (g.factor == acc_t(0) || g.denom == acc_t(0)) return acc_t(0);
-  acc_t a = (reward - g.center) * g.factor / g.denom;
-  if (g.clip && a > g.clip_value) a = g.clip_value;
-  return a;
+  // A zero denominator only arises with eps == 0 on a zero-spread group, where every centred
+  // reward is exactly 0: the advantage is 0, not 0 / 0. Branch-free, so loops vectorize.
+  const bool live = g.factor != acc_t(0) && g.denom != acc_t(0);
+  acc_t a = (reward - g.center) * g.factor / (live ? g.denom : acc_t(1));
+  a = g.clip && a > g.clip_value ? g.clip_value : a;
+  return live ? a : acc_t(0);
 }
 
 }  // namespace bandadv

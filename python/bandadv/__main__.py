@@ -1,4 +1,4 @@
-"""Command line: `python -m bandadv demo`."""
+"""Command line: `python -m bandadv demo | bench`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--prompts", type=int, default=64)
     demo.add_argument("--group-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
+    bench = commands.add_parser("bench", help="time bandadv against trainers' advantage code on this machine")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(args.prompts, args.group_size, args.seed)
+    elif args.command == "bench":
+        from .bench import headline
+
+        headline(args.device)
 
 
 if __name__ == "__main__":

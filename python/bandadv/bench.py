@@ -1,0 +1,228 @@
+"""Side-by-side timing of bandadv against the advantage code trainers run today.
+
+`python -m bandadv bench` prints the headline table for this machine; benchmarks/sweep.py runs
+the full sweep and writes a results file. Every ratio compares providers timed in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import baselines, ops
+from .advantages import group_advantages
+from .reference import reference_group_advantages
+
+BAND_OPTIONS = dict(band=(0.1, 0.9), accidental_max_successes=1)  # masks and stats on
+
+
+@dataclass(frozen=True)
+class Case:
+    prompts: int
+    group_size: int
+    ragged: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.prompts}x{self.group_size}" + (" ragged" if self.ragged else "")
+
+
+@dataclass
+class Row:
+    case: str
+    samples: int
+    provider: str
+    computes: str
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+    gb_per_s: float
+    ratios: dict
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def make_inputs(case: Case, device: str, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    if case.ragged:
+        sizes = torch.randint(1, 2 * case.group_size, (case.prompts,), generator=gen)
+    else:
+        sizes = torch.full((case.prompts,), case.group_size)
+    n = int(sizes.sum())
+    pass_rate = torch.rand(case.prompts, generator=gen).repeat_interleave(sizes)
+    correct = torch.rand(n, generator=gen) < pass_rate
+    rewards = correct.float() + 0.1 * (torch.rand(n, generator=gen) < 0.8).float()
+    offsets = torch.zeros(case.prompts + 1, dtype=torch.int64)
+    offsets[1:] = sizes.cumsum(0)
+    index = torch.repeat_interleave(torch.arange(case.prompts), sizes)
+    return {
+        "rewards": rewards.to(device),
+        "offsets": offsets.to(device),
+        "index": index.to(device),
+        "index_list": index.tolist() if n <= 65536 else None,
+        "group_size": case.group_size,
+        "ragged": case.ragged,
+    }
+
+
+def providers(device: str, case: Case, compile_reference: bool = False) -> dict[str, tuple[str, Callable]]:
+    """name -> (what it computes, fn(inputs)). Baselines that cannot run a case are left out."""
+    full = "advantages + masks + stats"
+    only_adv = "advantages only"
+
+    def bandadv_fn(backend: str) -> Callable:
+        def run(x):
+            layout = {"offsets": x["offsets"]} if x["ragged"] else {"group_size": x["group_size"]}
+            return group_advantages(x["rewards"], backend=backend, validate=False, **layout, **BAND_OPTIONS)
+
+        return run
+
+    out: dict[str, tuple[str, Callable]] = {}
+    if device == "cpu" and "CPU" in ops.COMPILED:
+        out["bandadv-cpu"] = (full, bandadv_fn("cpu"))
+    if device == "cuda" and "CUDA" in ops.COMPILED:
+        out["bandadv-cuda"] = (full, bandadv_fn("cuda"))
+    if device == "cuda" and ops.triton_available():
+        out["bandadv-triton"] = (full, bandadv_fn("triton"))
+    samples = case.prompts * case.group_size
+    if not case.ragged:
+        out["trl-eager"] = (only_adv, lambda x: baselines.trl_grpo(x["rewards"], x["group_size"]))
+        out["openrlhf"] = (only_adv, lambda x: baselines.openrlhf(x["rewards"], x["group_size"]))
+    out["verl-vectorized"] = (only_adv, lambda x: baselines.verl_grpo_vectorized(x["rewards"], x["index"]))
+    if samples <= 16384 and device == "cpu":
+        out["verl-loop"] = (only_adv, lambda x: baselines.verl_grpo_loop(x["rewards"], x["index_list"]))
+    if compile_reference:
+        compiled = torch.compile(reference_group_advantages, dynamic=False)
+
+        def run_compiled(x):
+            layout = {"offsets": x["offsets"]} if x["ragged"] else {"group_size": x["group_size"]}
+            return compiled(x["rewards"], **layout)
+
+        out["torch.compile(reference)"] = ("advantages + masks + stats, float64", run_compiled)
+    out["copy"] = ("copy of the rewards (bandwidth ceiling)", lambda x: x["rewards"].clone())
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_provider(fn: Callable, inputs: list[dict], device: str, budget_s: float, min_reps: int = 5) -> list[float]:
+    """Per-call times in ms, rotating among input sets so repeats do not measure a warm cache."""
+    for x in inputs[:2]:
+        fn(x)  # warm-up: compilation, allocator, caches of code
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start_all < budget_s and len(times) < 200):
+        x = inputs[len(times) % len(inputs)]
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_case(
+    case: Case, device: str, budget_s: float = 0.5, rotate: int = 4, compile_reference: bool = False
+) -> list[Row]:
+    inputs = [make_inputs(case, device, seed) for seed in range(rotate)]
+    samples = inputs[0]["rewards"].numel()
+    timed = {}
+    for name, (computes, fn) in providers(device, case, compile_reference).items():
+        timed[name] = (computes, time_provider(fn, inputs, device, budget_s))
+    medians = {name: statistics.median(t) for name, (_, t) in timed.items()}
+    rows = []
+    for name, (computes, t) in timed.items():
+        med = medians[name]
+        # bytes a fused pass must move: read rewards, write advantages (4 B) and the mask (1 B)
+        moved = samples * (4 + 4 + 1) if name != "copy" else samples * 8
+        ratios = {other: medians[other] / med for other in medians if other != name}
+        rows.append(
+            Row(case.name, samples, name, computes, med, quantile(t, 0.2), quantile(t, 0.8), moved / med / 1e6, ratios)
+        )
+    return rows
+
+
+def environment(device: str) -> dict:
+    import sys
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "machine": machine_name(device),
+        "device": device,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "bandadv_compiled": sorted(ops.COMPILED),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hostname_cores": os.cpu_count(),
+    }
+
+
+def format_table(rows: list[Row], baseline_names: tuple[str, ...] = ("trl-eager", "verl-vectorized", "copy")) -> str:
+    lines = [
+        f"{'case':<16} {'provider':<26} {'median ms':>10} {'q20-q80 ms':>17} {'GB/s':>7}  vs "
+        + ", ".join(baseline_names)
+    ]
+    for r in rows:
+        ratio = "  ".join(f"{r.ratios[b]:7.2f}x" if b in r.ratios else "      - " for b in baseline_names)
+        spread = f"{r.q20_ms:.3f}-{r.q80_ms:.3f}"
+        lines.append(f"{r.case:<16} {r.provider:<26} {r.median_ms:>10.4f} {spread:>17} {r.gb_per_s:>7.1f}  {ratio}")
+    return "\n".join(lines)
+
+
+def save(rows: list[Row], device: str, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(device), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+HEADLINE_CASES = (Case(512, 16), Case(2048, 16, ragged=True), Case(1 << 20, 16))
+
+
+def headline(device: str | None = None) -> None:
+    """`python -m bandadv bench`: the headline table for this machine, in well under a minute."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"bandadv bench on {machine_name(device)}, torch {torch.__version__}")
+    print("bandadv runs with band masks, accidental-success rule and stats on; baselines compute advantages only.")
+    print(
+        "ratio = that provider's median / this provider's median, timed side by side in this run (>1: this is faster)\n"
+    )
+    rows = []
+    for case in HEADLINE_CASES:
+        rows += run_case(case, device, budget_s=0.4)
+    print(format_table(rows))
