@@ -8,8 +8,7 @@ have real kernels.
 
 from __future__ import annotations
 
-import functools
-import logging
+import importlib.util
 import os
 import warnings
 
@@ -17,8 +16,6 @@ import torch
 
 from .config import AdvantageConfig
 from .reference import reference_group_advantages
-
-log = logging.getLogger(__name__)
 
 GROUP_ADVANTAGES_SCHEMA = (
     "group_advantages(Tensor rewards, int group_size, Tensor? offsets, Tensor? success, Tensor? valid, "
@@ -183,37 +180,36 @@ def group_advantages_op(
 
 # --- Triton --------------------------------------------------------------------------------
 
+TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
+
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
-def _triton_launcher():
+def _register_triton_op() -> None:
+    """bandadv::group_advantages_triton, a triton_op so that torch.compile traces into it."""
     from .triton_kernels.group_advantage import group_advantages_triton
-
-    if triton_interpreting():
-        # triton_op/wrap_triton reject interpreted kernels: call the launcher directly.
-        return group_advantages_triton
 
     schema = GROUP_ADVANTAGES_SCHEMA.replace("group_advantages(", "group_advantages_triton(", 1)
 
     @torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=(), schema=schema)
-    def _op(*args):
-        return group_advantages_triton(*args, wrap=torch.library.wrap_triton)
+    def _op(*args, **kwargs):
+        return group_advantages_triton(*args, **kwargs, wrap=torch.library.wrap_triton)
 
     torch.library.register_fake("bandadv::group_advantages_triton")(_group_advantages_fake)
-    return torch.ops.bandadv.group_advantages_triton.default
+
+
+# Registered at import where it can run (a GPU, no interpreter), so that no registration
+# happens while torch.compile traces a call.
+TRITON_OP_REGISTERED = TRITON_AVAILABLE and not triton_interpreting() and torch.cuda.is_available()
+if TRITON_OP_REGISTERED:
+    _register_triton_op()
 
 
 def group_advantages_triton_op(
@@ -228,13 +224,18 @@ def group_advantages_triton_op(
     return_index: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The Triton kernel: torch.ops.bandadv.group_advantages_triton on CUDA tensors, or the
-    kernel called directly under the CPU interpreter."""
-    if not triton_available():
+    kernel called directly under the CPU interpreter (triton_op rejects interpreted kernels)."""
+    args = (rewards, group_size, offsets, success, valid, prior)
+    kwargs = {"return_index": return_index, **config.op_kwargs()}
+    if rewards.device.type == "cuda" and TRITON_OP_REGISTERED:
+        return torch.ops.bandadv.group_advantages_triton.default(*args, **kwargs)
+    if triton_interpreting() and TRITON_AVAILABLE:
+        from .triton_kernels.group_advantage import group_advantages_triton
+
+        return group_advantages_triton(*args, **kwargs)
+    if not TRITON_AVAILABLE:
         raise RuntimeError("backend='triton' needs the triton package")
-    if rewards.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got {rewards.device}; set TRITON_INTERPRET=1 before "
-            "triton is imported to run the Triton kernel on the CPU interpreter"
-        )
-    launch = _triton_launcher()
-    return launch(rewards, group_size, offsets, success, valid, prior, return_index=return_index, **config.op_kwargs())
+    raise ValueError(
+        f"backend='triton' needs CUDA tensors, got {rewards.device}; set TRITON_INTERPRET=1 before "
+        "triton is imported to run the Triton kernel on the CPU interpreter"
+    )

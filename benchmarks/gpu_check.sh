@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU check, one command on a fresh GPU machine (torch, triton, nvcc there; no network):
+#   bash benchmarks/gpu_check.sh
+# 1. builds bandadv in place for this GPU's architecture; 2. runs every `gpu`-marked test (CUDA and
+# Triton kernels against the float64 reference, graph capture, determinism, torch.compile);
+# 3. runs compute-sanitizer memcheck and racecheck on a small driver of the CUDA kernel; 4. runs
+# the benchmark sweep. Writes benchmarks/results/gpu_check_<gpu>_<date>.json (copied to $OUT when
+# set) and prints a short table last. Sized to finish in under 6 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+TAG=$(echo "$GPU" | tr -c 'A-Za-z0-9\n' '_')_$(date +%Y-%m-%d)
+RESULTS=benchmarks/results
+LOG=$RESULTS/gpu_check_${TAG}.log
+mkdir -p "$RESULTS"
+: > "$LOG"
+step() { echo "== $1" | tee -a "$LOG"; }
+status=()
+
+step "build (sm_$CAP) on $GPU"
+start=$(date +%s)
+if BANDADV_CUDA_ARCHS=$CAP BANDADV_FORCE_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$LOG" 2>&1; then
+  status+=("build=ok($(( $(date +%s) - start ))s)")
+else
+  status+=("build=FAILED"); tail -30 "$LOG"; exit 1
+fi
+$PY -c "import bandadv; print('compiled kernels:', sorted(bandadv.ops.COMPILED))" | tee -a "$LOG"
+
+step "gpu tests"
+timeout 240 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -15
+status+=("tests=$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED)")
+
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool"
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY benchmarks/sanitizer_driver.py >>"$LOG" 2>&1
+    code=$?; status+=("$tool=$([ $code = 0 ] && echo ok || echo "FAILED($code)")")
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|driver: ok" "$LOG" | tail -2
+  done
+else
+  status+=("sanitizer=not-installed")
+fi
+
+step "benchmark sweep"
+timeout 150 $PY benchmarks/sweep.py --device cuda --budget 0.2 --out "$RESULTS" 2>&1 | tee -a "$LOG" | tail -40
+status+=("bench=$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED)")
+
+SUMMARY=$RESULTS/gpu_check_${TAG}.json
+$PY - "$SUMMARY" "$GPU" "${status[@]}" <<'PYEOF'
+import glob, json, sys
+path, gpu, *status = sys.argv[1:]
+bench = sorted(glob.glob("benchmarks/results/cuda_*.json"))
+json.dump({"gpu": gpu, "status": status, "benchmark": json.load(open(bench[-1])) if bench else None}, open(path, "w"), indent=1)
+PYEOF
+[ -n "${OUT:-}" ] && cp "$SUMMARY" "$LOG" "$OUT"/ 2>/dev/null
+echo; echo "GPU check on $GPU: ${status[*]}"; echo "results: $SUMMARY"

@@ -1,0 +1,26 @@
+"""Small calls of the CUDA kernel for compute-sanitizer (memcheck, racecheck): every layout,
+team shape and option path once, on shapes small enough to run under instrumentation."""
+
+import torch
+
+import bandadv
+
+gen = torch.Generator().manual_seed(0)
+cases = []
+for g in (1, 3, 16, 32, 33, 200, 1500):
+    r = (torch.rand(g * 7, generator=gen) < 0.4).float()
+    cases.append(({"group_size": g}, r))
+sizes = [0, 1, 2, 31, 33, 500, 0, 1400]
+offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+cases.append(({"offsets": offsets}, torch.rand(sum(sizes), generator=gen)))
+for layout, rewards in cases:
+    layout = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
+    rewards = rewards.cuda()
+    valid = torch.rand(rewards.shape, device="cuda") > 0.2
+    for scale in ("group", "batch"):
+        bandadv.group_advantages(rewards, backend="cuda", scale=scale, band=(0.1, 0.9), return_index=True, **layout)
+        bandadv.group_advantages(
+            rewards.half(), backend="cuda", valid=valid, success=valid, return_index=True, **layout
+        )
+torch.cuda.synchronize()
+print("sanitizer driver: ok")

@@ -1,0 +1,138 @@
+"""The CUDA and Triton kernels on a GPU: against the float64 reference, CUDA-graph capture,
+determinism, torch.compile. Marked `gpu`; skipped where no CUDA device is present (run by
+benchmarks/gpu_check.sh on a GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from test_correctness import GROUP_SIZES, cases
+
+import bandadv
+from bandadv import AdvantageConfig
+from conftest import assert_matches_reference, make_offsets, random_rewards
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def gpu_backends() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    found = ["cuda"] if "CUDA" in bandadv.ops.COMPILED else []
+    return [*found, "triton"] if bandadv.ops.triton_available() else found
+
+
+@pytest.fixture(params=gpu_backends() or ["none"])
+def gpu_backend(request) -> str:
+    if request.param == "none":
+        pytest.skip("no GPU backend built")
+    return request.param
+
+
+def to_cuda(layout: dict, extras: dict) -> tuple[dict, dict]:
+    move = lambda d: {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}  # noqa: E731
+    return move(layout), move(extras)
+
+
+def run_gpu(rewards, backend, config, return_index=True, **kwargs):
+    layout = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = bandadv.group_advantages(rewards.cuda(), config=config, backend=backend, return_index=return_index, **layout)
+    ref = bandadv.reference_group_advantages(rewards, config=config, return_index=return_index, **kwargs)
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    out = bandadv.GroupAdvantages(
+        advantages=cpu(out.advantages), sample_mask=cpu(out.sample_mask), reason=cpu(out.reason),
+        group_mask=cpu(out.group_mask), num_kept=cpu(out.num_kept), kept_index=cpu(out.kept_index),
+        stats=bandadv.GroupStats(**{k: cpu(getattr(out.stats, k)) for k in out.stats.__dataclass_fields__}),
+    )  # fmt: skip
+    return out, ref
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_groups(gpu_backend, group_size, dtype):
+    gen = torch.Generator().manual_seed(group_size)
+    num_groups = max(1, 8192 // group_size)
+    rewards = random_rewards(num_groups * group_size, "continuous", gen, dtype)
+    rewards[torch.rand(rewards.shape, generator=gen) < 0.05] = float("nan")
+    out, ref = run_gpu(rewards, gpu_backend, AdvantageConfig(band=(0.1, 0.9)), group_size=group_size)
+    assert_matches_reference(out, ref)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=cases())
+def test_property_matches_reference(case):
+    rewards, layout, extras, config = case
+    for backend in gpu_backends():
+        out, ref = run_gpu(rewards, backend, config, **layout, **extras)
+        assert_matches_reference(out, ref)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_cuda_graph_capture(gpu_backend, scale):
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(0, 64, (500,), generator=gen).tolist()
+    offsets = make_offsets(sizes).cuda()
+    static = random_rewards(sum(sizes), "binary", gen).cuda()
+    config = AdvantageConfig(scale=scale, band=(0.1, 0.9), accidental_max_successes=1)
+
+    def step():
+        return bandadv.group_advantages(
+            static, offsets=offsets, config=config, backend=gpu_backend, return_index=True, validate=False
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside capture: kernel compilation, allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = random_rewards(sum(sizes), "binary", gen).cuda()
+    static.copy_(fresh)
+    graph.replay()
+    eager = bandadv.group_advantages(fresh, offsets=offsets, config=config, backend=gpu_backend, return_index=True)
+    torch.cuda.synchronize()
+    for a, b in [
+        (captured.advantages, eager.advantages),
+        (captured.kept_index, eager.kept_index),
+        (captured.num_kept, eager.num_kept),
+        (captured.reason, eager.reason),
+    ]:
+        assert torch.equal(a, b)
+
+
+def test_bitwise_deterministic(gpu_backend):
+    gen = torch.Generator().manual_seed(1)
+    rewards = random_rewards((1 << 18) * 16, "continuous", gen).cuda()
+    config = AdvantageConfig(scale="batch", band=(0.1, 0.9))
+    first = bandadv.group_advantages(rewards, 16, config=config, backend=gpu_backend, return_index=True)
+    for _ in range(3):
+        again = bandadv.group_advantages(rewards, 16, config=config, backend=gpu_backend, return_index=True)
+        assert torch.equal(first.advantages, again.advantages) and torch.equal(first.stats.std, again.stats.std)
+        assert torch.equal(first.kept_index, again.kept_index)
+
+
+def test_every_output_written(gpu_backend):
+    # Poisoned caching-allocator memory must never leak into results.
+    gen = torch.Generator().manual_seed(2)
+    sizes = [0, 5, 1, 700, 33, 0, 2000]
+    rewards = random_rewards(sum(sizes), "ternary", gen)
+    for _ in range(3):
+        torch.full((1 << 22,), float("nan"), device="cuda")  # leaves NaN in freed blocks
+        out, ref = run_gpu(rewards, gpu_backend, AdvantageConfig(mask_all_equal=False), offsets=make_offsets(sizes))
+        assert_matches_reference(out, ref)
+
+
+def test_torch_compile_fullgraph(gpu_backend):
+    def loss(rewards, logratio):
+        out = bandadv.group_advantages(rewards, 16, band=(0.1, 0.9), backend=gpu_backend, validate=False)
+        return -(out.advantages[:, None] * logratio * out.sample_mask[:, None]).sum()
+
+    gen = torch.Generator().manual_seed(3)
+    rewards = random_rewards(16 * 64, "binary", gen).cuda()
+    logratio = torch.randn(16 * 64, 4, generator=gen).cuda()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.testing.assert_close(compiled(rewards, logratio), loss(rewards, logratio))
