@@ -1,0 +1,370 @@
+"""Per-prompt difficulty across training steps, and prompt selection before rollouts.
+
+Two models behind one interface, both updated on the device where the state lives, with no
+host sync in `update`:
+
+- "beta": the Beta(alpha, beta) posterior of MoPPS (arXiv 2507.04632),
+  alpha <- lam*alpha + (1-lam)*alpha0 + k, with the decay applied once per elapsed training step
+  since the prompt was last seen (lam**dt toward the prior), not once per visit.
+- "logistic": p = sigmoid(theta - d_i), the policy's ability theta and each prompt's difficulty
+  d_i updated online from every group's k of n (Elo / item-response style, with per-prompt
+  precision as in a Laplace approximation). theta moves every step, so predictions for prompts
+  not seen for a while stay current.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .types import GroupAdvantages
+
+f64 = torch.float64
+Model = Literal["beta", "logistic"]
+STRATEGIES = ("thompson", "band", "learnability", "greso")
+
+
+class PromptTracker:
+    """Difficulty state for every prompt of a dataset.
+
+    Args:
+        num_prompts: dataset size; prompt ids are 0..num_prompts-1.
+        model: "beta" or "logistic".
+        device: where the state lives (updates take tensors on this device).
+        decay: lam, the per-step forgetting factor toward the prior (both models).
+        prior: (alpha0, beta0) of the beta model.
+        difficulty_prior_precision: precision of a prompt's difficulty before any data (logistic).
+        ability_step: damping of the ability update (logistic), in (0, 1].
+        greso_target: GRESO's target share of zero-variance groups (arXiv 2506.02177).
+        greso_step: how far the GRESO exploration rates move per update.
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        model: Model = "beta",
+        device: torch.device | str = "cpu",
+        *,
+        decay: float = 0.95,
+        prior: tuple[float, float] = (1.0, 1.0),
+        difficulty_prior_precision: float = 1.0,
+        ability_step: float = 0.5,
+        greso_target: float = 0.25,
+        greso_step: float = 0.01,
+    ) -> None:
+        if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+            raise ValueError(f"num_prompts must be an int >= 1, got {num_prompts!r}")
+        if model not in ("beta", "logistic"):
+            raise ValueError(f"model must be 'beta' or 'logistic', got {model!r}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if len(prior) != 2 or min(prior) <= 0:
+            raise ValueError(f"prior must be (alpha0, beta0) > 0, got {prior}")
+        if difficulty_prior_precision <= 0 or not 0 < ability_step <= 1:
+            raise ValueError("difficulty_prior_precision must be > 0 and ability_step in (0, 1]")
+        self.num_prompts = num_prompts
+        self.model = model
+        self.device = torch.device(device)
+        self.decay = float(decay)
+        self.prior_alpha, self.prior_beta = (float(prior[0]), float(prior[1]))
+        self.difficulty_prior_precision = float(difficulty_prior_precision)
+        self.ability_step = float(ability_step)
+        self.greso_target = float(greso_target)
+        self.greso_step = float(greso_step)
+        self.step = 0  # latest training step seen by update (host-side, for checks only)
+        # One spare slot at the end absorbs the writes of duplicate ids (see _merge).
+        size = num_prompts + 1
+        self.state: dict[str, torch.Tensor] = {
+            "last_step": torch.full((size,), -1, dtype=torch.int64, device=self.device),
+            "visits": torch.zeros(size, dtype=torch.int64, device=self.device),
+            "zero_var_streak": torch.zeros(size, dtype=torch.int64, device=self.device),
+            "last_all_correct": torch.zeros(size, dtype=torch.bool, device=self.device),
+            "greso_rates": torch.tensor([0.5, 0.5], dtype=f64, device=self.device),  # easy, hard
+        }
+        if model == "beta":
+            self.state["alpha"] = torch.full((size,), self.prior_alpha, dtype=f64, device=self.device)
+            self.state["beta"] = torch.full((size,), self.prior_beta, dtype=f64, device=self.device)
+        else:
+            self.state["difficulty"] = torch.zeros(size, dtype=f64, device=self.device)
+            self.state["precision"] = torch.full(
+                (size,), self.difficulty_prior_precision, dtype=f64, device=self.device
+            )
+            self.state["ability"] = torch.zeros((), dtype=f64, device=self.device)
+
+    # -- checks ---------------------------------------------------------------------------
+    def _ids(self, prompt_ids: torch.Tensor, name: str = "prompt_ids", validate: bool = True) -> torch.Tensor:
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D tensor of prompt ids")
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {prompt_ids.dtype}")
+        if prompt_ids.device != self.device:
+            raise ValueError(f"{name} is on {prompt_ids.device} but the tracker lives on {self.device}")
+        if validate and prompt_ids.numel():
+            lo, hi = torch.stack([prompt_ids.min(), prompt_ids.max()]).tolist()
+            if lo < 0 or hi >= self.num_prompts:
+                raise ValueError(f"{name} must lie in [0, {self.num_prompts}), got values in [{lo}, {hi}]")
+        return prompt_ids.long()
+
+    def _check_step(self, step: int) -> int:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step must be an int, got {step!r}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.step:
+            raise ValueError(f"step {step} is earlier than the last update's step {self.step}")
+        return step
+
+    # -- update ---------------------------------------------------------------------------
+    def _merge(self, ids: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sums values over duplicate ids deterministically (stable sort and cumsum, no atomics).
+        Returns, per row, the id to write (the spare slot for all but each id's last row) and
+        the per-id totals on those rows."""
+        order = torch.argsort(ids, stable=True)
+        ids = ids[order]
+        last = torch.ones_like(ids, dtype=torch.bool)
+        last[:-1] = ids[1:] != ids[:-1]
+        first = torch.ones_like(last)
+        first[1:] = last[:-1]
+        # start of each row's run, carried forward by a cumulative max of run starts
+        starts = torch.where(first, torch.arange(ids.numel(), device=ids.device), 0).cummax(0).values
+        totals = []
+        for v in values:
+            c = torch.cumsum(v[order].to(f64), 0)
+            before = torch.where(starts > 0, c[(starts - 1).clamp(min=0)], torch.zeros_like(c))
+            totals.append(c - before)
+        target = torch.where(last, ids, self.num_prompts)
+        return target, totals
+
+    def update(self, prompt_ids: torch.Tensor, out: GroupAdvantages, step: int, *, validate: bool = True) -> None:
+        """Folds one batch of groups into the state: group g was rollouts of prompt_ids[g].
+
+        Args:
+            prompt_ids: ``[num_groups]`` integer ids on the tracker's device; duplicates merge.
+            out: the batch's :class:`GroupAdvantages` (its stats.count and stats.successes).
+            step: the training step (non-decreasing across calls).
+            validate: check the id range (one host read); False for no sync at all.
+        """
+        step = self._check_step(step)
+        ids = self._ids(prompt_ids, validate=validate)
+        n_obs, k_obs = out.stats.count, out.stats.successes
+        if n_obs.shape != ids.shape:
+            raise ValueError(f"prompt_ids has {ids.numel()} entries but the result has {n_obs.numel()} groups")
+        if n_obs.device != self.device:
+            raise ValueError(f"the result is on {n_obs.device} but the tracker lives on {self.device}")
+        self.step = step
+        if ids.numel() == 0:
+            return
+        zero_var = ((out.stats.std == 0) & (n_obs >= 2)).to(f64)
+        all_correct = ((out.stats.pass_rate == 1) & (n_obs >= 1)).to(f64)
+        target, (n, k, zero, correct) = self._merge(ids, n_obs, k_obs, zero_var, all_correct)
+        target = torch.where(n > 0, target, self.num_prompts)  # groups with no valid sample teach nothing
+        s = self.state
+        dt = (step - s["last_step"][target]).clamp(min=0).to(f64)
+        forget = torch.where(s["last_step"][target] >= 0, self.decay**dt, torch.zeros_like(dt))
+        if self.model == "beta":
+            alpha = forget * s["alpha"][target] + (1 - forget) * self.prior_alpha + k
+            beta = forget * s["beta"][target] + (1 - forget) * self.prior_beta + (n - k)
+            s["alpha"].index_copy_(0, target, alpha)
+            s["beta"].index_copy_(0, target, beta)
+        else:
+            self._update_logistic(target, n, k, forget)
+        streak = torch.where(zero > 0, s["zero_var_streak"][target] + 1, 0)
+        s["zero_var_streak"].index_copy_(0, target, streak)
+        s["last_all_correct"].index_copy_(0, target, correct > 0)
+        s["visits"].index_copy_(0, target, s["visits"][target] + 1)
+        s["last_step"].index_copy_(0, target, torch.full_like(target, step))
+        self._update_greso_rates(zero_var, all_correct)
+        self._blank_spare()
+
+    def _blank_spare(self) -> None:
+        """Resets the spare slot that absorbed duplicate rows' writes to its initial value."""
+        spare = self.num_prompts
+        initial = {"last_step": -1, "alpha": self.prior_alpha, "beta": self.prior_beta,
+                   "precision": self.difficulty_prior_precision}  # fmt: skip
+        for name, value in self.state.items():
+            if value.dim() == 1 and value.shape[0] == spare + 1:
+                value[spare] = initial.get(name, 0)
+
+    def _update_logistic(self, target, n, k, forget) -> None:
+        s = self.state
+        prec0 = self.difficulty_prior_precision
+        d = s["difficulty"][target]
+        p = torch.sigmoid(s["ability"] - d)
+        info = n * p * (1 - p)
+        precision = prec0 + forget * (s["precision"][target] - prec0) + info
+        residual = k - n * p  # > 0: solved more often than predicted
+        live = target < self.num_prompts
+        # Ability: one damped Newton step on the batch's binomial log-likelihood (d held fixed).
+        ability_info = (info * live).sum() + 1.0
+        s["ability"] += self.ability_step * (residual * live).sum() / ability_info
+        # Difficulty: a Newton step against the prompt's own residual, weighted by its precision.
+        s["difficulty"].index_copy_(0, target, d - residual / precision)
+        s["precision"].index_copy_(0, target, precision)
+
+    def _update_greso_rates(self, zero_var: torch.Tensor, all_correct: torch.Tensor) -> None:
+        # GRESO: move each exploration rate so that the share of zero-variance groups, easy
+        # (all correct) and hard (all wrong) separately, tends to its target.
+        groups = max(zero_var.numel(), 1)
+        easy = (zero_var * all_correct).sum() / groups
+        hard = (zero_var * (1 - all_correct)).sum() / groups
+        target = self.greso_target / 2
+        rates = self.state["greso_rates"]
+        shift = torch.stack([torch.sign(target - easy), torch.sign(target - hard)]) * self.greso_step
+        rates.copy_((rates + shift).clamp(0.01, 1.0))
+
+    # -- predictions ----------------------------------------------------------------------
+    def _forgetting(self, ids: torch.Tensor) -> torch.Tensor:
+        """lam**(steps since last seen): the weight left on each prompt's data now (0 if unseen)."""
+        last = self.state["last_step"][ids]
+        dt = (self.step - last).clamp(min=0).to(f64)
+        return torch.where(last >= 0, self.decay**dt, torch.zeros_like(dt))
+
+    def predict(self, prompt_ids: torch.Tensor, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pass_rate, uncertainty) per prompt at the latest step: the posterior mean and std of
+        the pass rate (beta), or sigmoid(theta - d) and its delta-method std (logistic)."""
+        ids = self._ids(prompt_ids, validate=validate)
+        forget = self._forgetting(ids)
+        s = self.state
+        if self.model == "beta":
+            a = forget * s["alpha"][ids] + (1 - forget) * self.prior_alpha
+            b = forget * s["beta"][ids] + (1 - forget) * self.prior_beta
+            mean = a / (a + b)
+            std = torch.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+            return mean, std
+        prec0 = self.difficulty_prior_precision
+        precision = prec0 + forget * (s["precision"][ids] - prec0)
+        p = torch.sigmoid(s["ability"] - s["difficulty"][ids])
+        return p, p * (1 - p) / precision.sqrt()
+
+    def prior(self, prompt_ids: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """Pass-rate estimates for group_advantages(prior=...): NaN for prompts never seen."""
+        ids = self._ids(prompt_ids, validate=validate)
+        mean, _ = self.predict(ids, validate=False)
+        return torch.where(self.state["last_step"][ids] >= 0, mean, torch.full_like(mean, math.nan))
+
+    def _sample_pass_rate(self, ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One posterior draw of each prompt's pass rate."""
+        forget = self._forgetting(ids)
+        s = self.state
+        if self.model == "beta":
+            a = forget * s["alpha"][ids] + (1 - forget) * self.prior_alpha
+            b = forget * s["beta"][ids] + (1 - forget) * self.prior_beta
+            x, y = _gamma(a, generator), _gamma(b, generator)
+            return x / (x + y)
+        prec0 = self.difficulty_prior_precision
+        precision = prec0 + forget * (s["precision"][ids] - prec0)
+        z = torch.randn(ids.shape, generator=generator, dtype=f64, device=ids.device)
+        return torch.sigmoid(s["ability"] - s["difficulty"][ids] + z / precision.sqrt())
+
+    # -- selection ------------------------------------------------------------------------
+    def select(
+        self,
+        candidate_ids: torch.Tensor,
+        k: int,
+        strategy: str = "thompson",
+        generator: torch.Generator | None = None,
+        *,
+        target: float = 0.5,
+        band: tuple[float, float] = (0.1, 0.9),
+        explore: float = 0.1,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """k distinct prompt ids from the candidates, chosen before paying for their rollouts.
+
+        Strategies: "thompson" draws each pass rate from the posterior and takes the k closest
+        to `target` (MoPPS); "band" takes prompts predicted inside `band` at random, filling
+        from the nearest outside, with an `explore` share drawn uniformly from the rest;
+        "learnability" takes the top predicted p(1 - p) (LILO); "greso" skips a prompt whose
+        last z groups all had zero variance with probability 1 - max(p_e**z, 0.01), p_e the
+        adaptive rate for easy or hard prompts (GRESO), then samples uniformly.
+        Deterministic for a given generator.
+        """
+        ids = self._ids(candidate_ids, "candidate_ids", validate=validate)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= ids.numel():
+            raise ValueError(f"k must be an int in [0, {ids.numel()}] (the number of candidates), got {k!r}")
+        if validate and ids.numel() and torch.unique(ids).numel() != ids.numel():
+            raise ValueError("candidate_ids must be distinct")
+        if generator is not None and generator.device != ids.device:
+            raise ValueError(f"generator is on {generator.device} but the tracker lives on {ids.device}")
+        u = torch.rand(ids.shape, generator=generator, dtype=f64, device=ids.device)
+        if strategy == "thompson":
+            score = -(self._sample_pass_rate(ids, generator) - target).abs()
+        elif strategy == "learnability":
+            p, _ = self.predict(ids, validate=False)
+            score = p * (1 - p) + 1e-9 * u  # jitter breaks ties reproducibly
+        elif strategy == "greso":
+            s = self.state
+            rate = torch.where(s["last_all_correct"][ids], s["greso_rates"][0], s["greso_rates"][1])
+            streak = s["zero_var_streak"][ids].to(f64)
+            keep_prob = torch.where(streak > 0, (rate**streak).clamp(min=0.01), torch.ones_like(rate))
+            kept = torch.rand(ids.shape, generator=generator, dtype=f64, device=ids.device) < keep_prob
+            score = kept.to(f64) + u  # skipped prompts only fill what the rest cannot
+        else:
+            return self._select_band(ids, k, band, explore, u)
+        return ids[torch.topk(score, k).indices]
+
+    def _select_band(self, ids, k, band, explore, u) -> torch.Tensor:
+        lo, hi = band
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"band must satisfy 0 <= lo <= hi <= 1, got {band}")
+        if not 0 <= explore <= 1:
+            raise ValueError(f"explore must be in [0, 1], got {explore}")
+        p, _ = self.predict(ids, validate=False)
+        distance = torch.clamp(lo - p, min=0) + torch.clamp(p - hi, min=0)
+        score = torch.where(distance == 0, 1 + u, -distance)
+        exploit = k - round(explore * k)
+        chosen = torch.topk(score, exploit).indices
+        rest = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        rest[chosen] = False
+        explored = torch.topk(torch.where(rest, u, -1.0), k - exploit).indices
+        return ids[torch.cat([chosen, explored])]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        config = {
+            name: getattr(self, name)
+            for name in ("num_prompts", "model", "decay", "prior_alpha", "prior_beta", "difficulty_prior_precision",
+                         "ability_step", "greso_target", "greso_step", "step")
+        }  # fmt: skip
+        return {"config": config, "state": {k: v.clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        config, state = state_dict["config"], state_dict["state"]
+        if config["num_prompts"] != self.num_prompts or config["model"] != self.model:
+            raise ValueError(
+                f"checkpoint is for {config['num_prompts']} prompts, model {config['model']!r}; this tracker has "
+                f"{self.num_prompts}, {self.model!r}"
+            )
+        if set(state) != set(self.state):
+            raise ValueError(f"checkpoint state has {sorted(state)}, expected {sorted(self.state)}")
+        for name, value in config.items():
+            setattr(self, name, value)
+        for name, value in state.items():
+            self.state[name].copy_(value)
+
+
+def _gamma(shape: torch.Tensor, generator: torch.Generator | None, rounds: int = 12) -> torch.Tensor:
+    """Gamma(shape, 1) draws from a generator (torch's own sampler takes none): Marsaglia and
+    Tsang (2000) with a fixed number of vectorised proposal rounds, no host sync; shape < 1 is
+    boosted by U**(1/shape). The chance that a draw is still unaccepted after 12 rounds is below
+    1e-15; it then takes the mean."""
+    boost = shape < 1
+    a = torch.where(boost, shape + 1, shape)
+    d = a - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = d.clone()  # the mode-ish fallback
+    done = torch.zeros_like(shape, dtype=torch.bool)
+    for _ in range(rounds):
+        x = torch.randn(shape.shape, generator=generator, dtype=f64, device=shape.device)
+        u = torch.rand(shape.shape, generator=generator, dtype=f64, device=shape.device)
+        v = (1 + c * x) ** 3
+        ok = (v > 0) & (torch.log(u.clamp(min=1e-300)) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp(min=1e-300)))
+        take = ok & ~done
+        out = torch.where(take, d * v, out)
+        done |= ok
+    u = torch.rand(shape.shape, generator=generator, dtype=f64, device=shape.device)
+    return torch.where(boost, out * u.clamp(min=1e-300) ** (1.0 / shape), out)
