@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup build demo test lint format clean
+.PHONY: setup build simulate compare demo bench test lint format clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
@@ -20,8 +20,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
 setup: $(VENV)/.deps
 build: $(VENV)/.built
 
+simulate: build
+	$(PY) -m bandadv simulate
+
+compare: build
+	$(PY) -m bandadv simulate --compare
+
 demo: build
 	$(PY) -m bandadv demo
+
+bench: build
+	$(PY) -m bandadv bench
 
 test: build
 	BANDADV_REQUIRE_EXT=1 $(PY) -m pytest -q tests

@@ -1,4 +1,4 @@
-"""Command line: `python -m bandadv demo | bench`."""
+"""Command line: `python -m bandadv demo | simulate [--compare] | bench`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,30 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     bench = commands.add_parser("bench", help="time bandadv against trainers' advantage code on this machine")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sim = commands.add_parser("simulate", help="train a small policy on group_advantages (the learning testbed)")
+    sim.add_argument("--compare", action="store_true", help="every method over several seeds at equal budgets")
+    sim.add_argument("--seeds", type=int, default=3)
+    sim.add_argument("--steps", type=int, default=None)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--png", default="simulate.png", help="where to write the plot ('' for none)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(args.prompts, args.group_size, args.seed)
+    elif args.command == "simulate":
+        from dataclasses import replace
+
+        from .simulate import SimConfig, compare
+        from .simulate import main as simulate_main
+
+        cfg = SimConfig(seed=args.seed)
+        if args.steps is not None:
+            cfg = replace(cfg, steps=args.steps)
+        if args.compare:
+            compare(cfg, seeds=args.seeds)
+        else:
+            simulate_main(cfg, png=args.png or None)
     elif args.command == "bench":
         from .bench import headline
 
