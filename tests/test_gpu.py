@@ -136,3 +136,21 @@ def test_torch_compile_fullgraph(gpu_backend):
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
     torch.testing.assert_close(compiled(rewards, logratio), loss(rewards, logratio))
+
+
+@pytest.mark.parametrize("model", ["beta", "logistic"])
+def test_tracker_update_and_select_have_no_host_sync(model):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tracker = bandadv.PromptTracker(100_000, model, device="cuda")
+    ids = torch.randint(0, 100_000, (512,), device="cuda", generator=gen)
+    rewards = (torch.rand(512 * 16, device="cuda", generator=gen) < 0.3).float()
+    out = bandadv.group_advantages(rewards, 16, band=(0.1, 0.9), validate=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tracker.update(ids, out, 1, validate=False)
+        tracker.prior(ids, validate=False)
+        for strategy in ("thompson", "band", "learnability", "greso"):
+            tracker.select(torch.arange(50_000, device="cuda"), 256, strategy, gen, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
