@@ -78,7 +78,7 @@ BANDADV_HD bool is_finite(acc_t x) {
 
 template <typename acc_t>
 BANDADV_HD bool sample_is_valid(acc_t reward, bool valid_flag, acc_t success) {
-  return valid_flag && is_finite(reward) && is_finite(success);
+  return valid_flag & is_finite(reward) & is_finite(success);  // no short circuit: vectorizes
 }
 
 // Default success signal when the caller gives none.

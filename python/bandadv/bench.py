@@ -126,8 +126,8 @@ def _sync(device: str) -> None:
 
 def time_provider(fn: Callable, inputs: list[dict], device: str, budget_s: float, min_reps: int = 5) -> list[float]:
     """Per-call times in ms, rotating among input sets so repeats do not measure a warm cache."""
-    for x in inputs[:2]:
-        fn(x)  # warm-up: compilation, allocator, caches of code
+    for x in inputs:
+        fn(x)  # warm-up on every input set: compilation (one per shape), allocator, code caches
     _sync(device)
     times: list[float] = []
     start_all = time.perf_counter()
