@@ -162,10 +162,9 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
     use_triton = backend == "triton" or (
         backend == "auto" and rewards.device.type == "cuda" and "CUDA" not in ops.COMPILED and ops.triton_available()
     )
-    run_op = ops.group_advantages_triton_op if use_triton else ops.group_advantages_op
-    outs = run_op(
+    outs = ops.group_advantages_op(
         rewards, group_size=group_size, offsets=offsets, success=success, valid=valid, prior=prior, config=cfg,
-        return_index=return_index,
+        return_index=return_index, triton=use_triton,
     )  # fmt: skip
     return _from_op_outputs(outs, return_index)
 

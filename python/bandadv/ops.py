@@ -161,23 +161,6 @@ def _group_advantages_fake(
     )
 
 
-def group_advantages_op(
-    rewards: torch.Tensor,
-    *,
-    group_size: int = 0,
-    offsets: torch.Tensor | None = None,
-    success: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    prior: torch.Tensor | None = None,
-    config: AdvantageConfig,
-    return_index: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Calls torch.ops.bandadv.group_advantages with a config's options."""
-    return torch.ops.bandadv.group_advantages.default(
-        rewards, group_size, offsets, success, valid, prior, return_index=return_index, **config.op_kwargs()
-    )
-
-
 # --- Triton --------------------------------------------------------------------------------
 
 TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
@@ -212,7 +195,7 @@ if TRITON_OP_REGISTERED:
     _register_triton_op()
 
 
-def group_advantages_triton_op(
+def group_advantages_op(
     rewards: torch.Tensor,
     *,
     group_size: int = 0,
@@ -222,11 +205,16 @@ def group_advantages_triton_op(
     prior: torch.Tensor | None = None,
     config: AdvantageConfig,
     return_index: bool = False,
+    triton: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """The Triton kernel: torch.ops.bandadv.group_advantages_triton on CUDA tensors, or the
-    kernel called directly under the CPU interpreter (triton_op rejects interpreted kernels)."""
+    """Calls the op with a config's options: torch.ops.bandadv.group_advantages (the compiled
+    kernel of the tensor's device), or with triton=True the Triton kernel,
+    torch.ops.bandadv.group_advantages_triton on CUDA tensors and the kernel itself under the CPU
+    interpreter (triton_op rejects interpreted kernels)."""
     args = (rewards, group_size, offsets, success, valid, prior)
     kwargs = {"return_index": return_index, **config.op_kwargs()}
+    if not triton:
+        return torch.ops.bandadv.group_advantages.default(*args, **kwargs)
     if rewards.device.type == "cuda" and TRITON_OP_REGISTERED:
         return torch.ops.bandadv.group_advantages_triton.default(*args, **kwargs)
     if triton_interpreting() and TRITON_AVAILABLE:
