@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))  # run from a checkout too
 
-from bandadv.bench import Case, format_table, machine_name, run_case, save
+from bandadv.bench import Case, format_table, machine_name, run_case, run_tracker, save
 
 CASES = (
     Case(64, 8),
@@ -42,6 +42,8 @@ def main() -> None:
     rows = []
     for case in QUICK_CASES if args.quick else CASES:
         rows += run_case(case, args.device, budget_s=args.budget, compile_reference=args.compile_reference)
+    if not args.quick:
+        rows += run_tracker(args.device, budget_s=args.budget)
     machine = re.sub(r"[^A-Za-z0-9]+", "_", machine_name(args.device)).strip("_")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.device}_{machine}_{time.strftime('%Y-%m-%d')}.json")

@@ -173,6 +173,43 @@ def run_case(
     return rows
 
 
+def run_tracker(device: str, num_prompts: int = 1 << 20, groups: int = 4096, budget_s: float = 0.5) -> list[Row]:
+    """PromptTracker at a million prompts: one batch's update, and selection before rollouts."""
+    from .tracker import PromptTracker
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    inputs = []
+    for _ in range(4):
+        ids = torch.randint(0, num_prompts, (groups,), device=device, generator=gen)
+        rewards = (torch.rand(groups * 16, device=device, generator=gen) < 0.3).float()
+        out = group_advantages(rewards, 16, validate=False)
+        inputs.append(
+            {"ids": ids, "out": out, "candidates": torch.randperm(num_prompts, device=device, generator=gen)[: 1 << 17]}
+        )
+    for model in ("beta", "logistic"):
+        tracker = PromptTracker(num_prompts, model, device=device)
+        step = iter(range(1 << 30))
+        cases = {
+            f"tracker-{model} update": lambda x, t=tracker, s=step: t.update(
+                x["ids"], x["out"], next(s), validate=False
+            ),
+            f"tracker-{model} select thompson": lambda x, t=tracker: t.select(
+                x["candidates"], 4096, "thompson", gen, validate=False
+            ),
+            f"tracker-{model} select band": lambda x, t=tracker: t.select(
+                x["candidates"], 4096, "band", gen, validate=False
+            ),
+        }
+        for name, fn in cases.items():
+            t = time_provider(fn, inputs, device, budget_s)
+            med = statistics.median(t)
+            label = f"{num_prompts} prompts, {groups} groups / 131072 cands"
+            rows.append(Row(label, groups, name, "state update" if "update" in name else "k=4096 ids", med,
+                            quantile(t, 0.2), quantile(t, 0.8), 0.0, {}))  # fmt: skip
+    return rows
+
+
 def environment(device: str) -> dict:
     import sys
 
