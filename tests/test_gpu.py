@@ -154,3 +154,15 @@ def test_tracker_update_and_select_have_no_host_sync(model):
             tracker.select(torch.arange(50_000, device="cuda"), 256, strategy, gen, validate=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_opcheck(gpu_backend):
+    name = "group_advantages" if gpu_backend == "cuda" else "group_advantages_triton"
+    op = getattr(torch.ops.bandadv, name).default
+    gen = torch.Generator().manual_seed(4)
+    rewards = random_rewards(48, "ternary", gen).cuda()
+    config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1, scale="batch")
+    for layout in ((8, None), (0, make_offsets([5, 0, 1, 12, 30]).cuda())):
+        prior = torch.rand(48 // 8 if layout[0] else 5, generator=gen).cuda()
+        args = (rewards, *layout, None, None, prior)
+        torch.library.opcheck(op, args, {**config.op_kwargs(), "return_index": True})

@@ -44,3 +44,20 @@ def test_band_edges_compare_in_float64():
     for inclusive, expected in ((True, 0), (False, int(bandadv.Reason.ABOVE_BAND))):
         out = bandadv.group_advantages(rewards, 30, band=(0.1, 0.9), band_inclusive=inclusive, backend="triton")
         assert out.reason.tolist() == [expected] * 4
+
+
+def test_triton_op_registers_and_runs():
+    # On a GPU machine this op is what backend="triton" calls. Here it registers and runs its
+    # interpreted kernels on CPU tensors; its fake path (triton_op traces the launcher through
+    # wrap_triton) needs compiled kernels, so opcheck and torch.compile of it run in test_gpu.py.
+    if not hasattr(torch.ops.bandadv, "group_advantages_triton"):
+        bandadv.ops._register_triton_op()
+    op = torch.ops.bandadv.group_advantages_triton.default
+    assert "float[]? band" in str(op._schema) and str(op._schema).count("Tensor") >= 17
+    config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
+    rewards = random_rewards(48, "ternary", torch.Generator().manual_seed(0))
+    args = (rewards, 0, make_offsets([5, 0, 1, 12, 30]), None, None, torch.rand(5))
+    out = op(*args, **config.op_kwargs(), return_index=True)
+    ref = torch.ops.bandadv.group_advantages.default(*args, **config.op_kwargs(), return_index=True)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -176,16 +176,24 @@ def triton_interpreting() -> bool:
 
 
 def _register_triton_op() -> None:
-    """bandadv::group_advantages_triton, a triton_op so that torch.compile traces into it."""
+    """bandadv::group_advantages_triton, a triton_op so that torch.compile traces into it. Its
+    schema is inferred from the annotations (torch before 2.15 ignores triton_op's schema=), and
+    triton_op registers the function itself as the fake kernel."""
     from .triton_kernels.group_advantage import group_advantages_triton
 
-    schema = GROUP_ADVANTAGES_SCHEMA.replace("group_advantages(", "group_advantages_triton(", 1)
-
-    @torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=(), schema=schema)
-    def _op(*args, **kwargs):
-        return group_advantages_triton(*args, **kwargs, wrap=torch.library.wrap_triton)
-
-    torch.library.register_fake("bandadv::group_advantages_triton")(_group_advantages_fake)
+    @torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=())
+    def _group_advantages_triton(
+        rewards: torch.Tensor, group_size: int, offsets: torch.Tensor | None, success: torch.Tensor | None, valid: torch.Tensor | None,
+        prior: torch.Tensor | None, estimator: str, scale: str, unbiased: bool, eps: float, singleton: str,
+        mask_all_equal: bool, band: list[float] | None, band_inclusive: bool, min_std: float | None,
+        accidental_max_successes: int, accidental_prior_max: float, accidental_action: str, accidental_clip: float,
+        mask_too_few: bool, return_index: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return group_advantages_triton(
+            rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
+            mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
+            accidental_action, accidental_clip, mask_too_few, return_index, wrap=torch.library.wrap_triton,
+        )  # fmt: skip
 
 
 # Registered at import where it can run (a GPU, no interpreter), so that no registration
