@@ -13,20 +13,20 @@ import triton
 import triton.language as tl
 
 # Reason bits (csrc/group_math.h, bandadv.Reason).
-ALL_EQUAL: tl.constexpr = 1
-BELOW_BAND: tl.constexpr = 2
-ABOVE_BAND: tl.constexpr = 4
-LOW_STD: tl.constexpr = 8
-ACCIDENTAL_SUCCESS: tl.constexpr = 16
-TOO_FEW: tl.constexpr = 32
+ALL_EQUAL = tl.constexpr(1)
+BELOW_BAND = tl.constexpr(2)
+ABOVE_BAND = tl.constexpr(4)
+LOW_STD = tl.constexpr(8)
+ACCIDENTAL_SUCCESS = tl.constexpr(16)
+TOO_FEW = tl.constexpr(32)
 
 # Estimator and scale codes.
-GRPO: tl.constexpr = 0
-DR_GRPO: tl.constexpr = 1
-RLOO: tl.constexpr = 2
-SCALE_GROUP: tl.constexpr = 0
-SCALE_BATCH: tl.constexpr = 1
-SCALE_NONE: tl.constexpr = 2
+GRPO = tl.constexpr(0)
+DR_GRPO = tl.constexpr(1)
+RLOO = tl.constexpr(2)
+SCALE_GROUP = tl.constexpr(0)
+SCALE_BATCH = tl.constexpr(1)
+SCALE_NONE = tl.constexpr(2)
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
         reason = tl.where(below, reason | BELOW_BAND, reason)
         reason = tl.where(above, reason | ABOVE_BAND, reason)
     k64 = k.to(tl.float64)
-    few_hits = (k64 >= 1.0) & (k64 <= accidental_max.to(tl.float64)) & (accidental_max > 0)
+    few_hits = (k64 >= 1.0) & (k64 <= accidental_max)  # accidental_max = 0: never
     prior_known = has_prior & (prior == prior)
     hard = (~prior_known) | (prior.to(tl.float64) < accidental_prior_max)
     reason = tl.where(few_hits & hard, reason | ACCIDENTAL_SUCCESS, reason)
@@ -156,6 +156,7 @@ def _group_advantages_fwd_kernel(
     band_lo = _f64(band_lo)
     band_hi = _f64(band_hi)
     min_std = _f64(min_std)
+    accidental_max = _f64(accidental_max)  # as bits: an int argument equal to 1 would be specialised
     accidental_prior_max = _f64(accidental_prior_max)
     accidental_clip = _f64(accidental_clip)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -337,7 +338,7 @@ def group_advantages_triton(
         rewards, success_ptr, valid_ptr, prior_ptr, offsets, batch_std,
         advantages, sample_mask, reason, group_mask, count, successes, mean, std, pass_rate, success_var, reward_var,
         kept_count, num_groups, max(group_size, 1),
-        _bits(eps), _bits(band_lo), _bits(band_hi), _bits(min_std or 0.0), int(accidental_max_successes),
+        _bits(eps), _bits(band_lo), _bits(band_hi), _bits(min_std or 0.0), _bits(accidental_max_successes),
         _bits(accidental_prior_max), _bits(accidental_clip),
     )  # fmt: skip
     kernel = wrap(_group_advantages_fwd_kernel)
