@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_correctness import GROUP_SIZES, cases
+from test_correctness import cases
 
 import bandadv
 from bandadv import AdvantageConfig
@@ -48,7 +48,9 @@ def run_gpu(rewards, backend, config, return_index=True, **kwargs):
     return out, ref
 
 
-@pytest.mark.parametrize("group_size", GROUP_SIZES)
+# Team shapes of the CUDA kernel (segments of 1..32 lanes, blocks, block-strided loops) and
+# Triton's BLOCK sizes; kept short, as each Triton variant compiles on first use.
+@pytest.mark.parametrize("group_size", [1, 3, 16, 32, 33, 1024, 1025, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fixed_groups(gpu_backend, group_size, dtype):
     gen = torch.Generator().manual_seed(group_size)
@@ -59,7 +61,7 @@ def test_fixed_groups(gpu_backend, group_size, dtype):
     assert_matches_reference(out, ref)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_property_matches_reference(case):
     rewards, layout, extras, config = case
