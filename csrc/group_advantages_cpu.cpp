@@ -242,34 +242,23 @@ void check_offsets_cpu(const Inputs& in) {
   }
 }
 
-OpOutputs group_advantages_cpu(const Tensor& rewards, int64_t group_size, const std::optional<Tensor>& offsets,
-                               const std::optional<Tensor>& success, const std::optional<Tensor>& valid,
-                               const std::optional<Tensor>& prior, c10::string_view estimator,
-                               c10::string_view scale, bool unbiased, double eps, c10::string_view singleton,
-                               bool mask_all_equal, std::optional<c10::ArrayRef<double>> band, bool band_inclusive,
-                               std::optional<double> min_std, int64_t accidental_max_successes,
-                               double accidental_prior_max, c10::string_view accidental_action,
-                               double accidental_clip, bool mask_too_few, bool return_index) {
-  const Inputs in = prepare_inputs(rewards, group_size, offsets, success, valid, prior, estimator, scale,
-                                   unbiased, eps, singleton, mask_all_equal, band, band_inclusive, min_std,
-                                   accidental_max_successes, accidental_prior_max, accidental_action,
-                                   accidental_clip, mask_too_few, return_index);
-  check_offsets_cpu(in);
-  Outputs out = allocate_outputs(in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const bool has_success = in.success.defined(), has_valid = in.valid.defined();
-    if (has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, true, true>(in, out).run(out, in.return_index);
-    if (has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, true, false>(in, out).run(out, in.return_index);
-    if (!has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, false, true>(in, out).run(out, in.return_index);
-    if (!has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, false, false>(in, out).run(out, in.return_index);
-  });
-  return out.as_tuple();
-}
+struct CpuBackend {
+  static void run(const Inputs& in, Outputs& out) {
+    check_offsets_cpu(in);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      const bool has_success = in.success.defined(), has_valid = in.valid.defined();
+      if (has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, true, true>(in, out).run(out, in.return_index);
+      if (has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, true, false>(in, out).run(out, in.return_index);
+      if (!has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, false, true>(in, out).run(out, in.return_index);
+      if (!has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, false, false>(in, out).run(out, in.return_index);
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bandadv, CPU, m) { m.impl("group_advantages", &group_advantages_cpu); }
+TORCH_LIBRARY_IMPL(bandadv, CPU, m) { m.impl("group_advantages", &group_advantages_entry<CpuBackend>); }
 
 }  // namespace bandadv
 

@@ -207,4 +207,24 @@ inline Outputs allocate_outputs(const Inputs& in) {
   return out;
 }
 
+// The op's entry point for one dispatch key: checks and converts the arguments once, allocates
+// the outputs, and hands both to Backend::run. Register as &group_advantages_entry<Backend>.
+template <typename Backend>
+OpOutputs group_advantages_entry(const Tensor& rewards, int64_t group_size, const std::optional<Tensor>& offsets,
+                                 const std::optional<Tensor>& success, const std::optional<Tensor>& valid,
+                                 const std::optional<Tensor>& prior, c10::string_view estimator,
+                                 c10::string_view scale, bool unbiased, double eps, c10::string_view singleton,
+                                 bool mask_all_equal, std::optional<c10::ArrayRef<double>> band,
+                                 bool band_inclusive, std::optional<double> min_std, int64_t accidental_max_successes,
+                                 double accidental_prior_max, c10::string_view accidental_action,
+                                 double accidental_clip, bool mask_too_few, bool return_index) {
+  const Inputs in = prepare_inputs(rewards, group_size, offsets, success, valid, prior, estimator, scale,
+                                   unbiased, eps, singleton, mask_all_equal, band, band_inclusive, min_std,
+                                   accidental_max_successes, accidental_prior_max, accidental_action,
+                                   accidental_clip, mask_too_few, return_index);
+  Outputs out = allocate_outputs(in);
+  Backend::run(in, out);
+  return out.as_tuple();
+}
+
 }  // namespace bandadv

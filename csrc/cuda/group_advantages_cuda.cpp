@@ -31,41 +31,30 @@ at::Tensor batch_std_from_moments(const Inputs& in, const Outputs& moments) {
   return var.sqrt().to(in.acc_dtype).reshape({1});
 }
 
-OpOutputs group_advantages_cuda(const Tensor& rewards, int64_t group_size, const std::optional<Tensor>& offsets,
-                                const std::optional<Tensor>& success, const std::optional<Tensor>& valid,
-                                const std::optional<Tensor>& prior, c10::string_view estimator,
-                                c10::string_view scale, bool unbiased, double eps, c10::string_view singleton,
-                                bool mask_all_equal, std::optional<c10::ArrayRef<double>> band, bool band_inclusive,
-                                std::optional<double> min_std, int64_t accidental_max_successes,
-                                double accidental_prior_max, c10::string_view accidental_action,
-                                double accidental_clip, bool mask_too_few, bool return_index) {
-  const Inputs in = prepare_inputs(rewards, group_size, offsets, success, valid, prior, estimator, scale,
-                                   unbiased, eps, singleton, mask_all_equal, band, band_inclusive, min_std,
-                                   accidental_max_successes, accidental_prior_max, accidental_action,
-                                   accidental_clip, mask_too_few, return_index);
-  const c10::cuda::CUDAGuard guard(in.rewards.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Outputs out = allocate_outputs(in);
-  Scratch scratch;
-  scratch.kept_count = at::zeros({in.num_groups}, in.rewards.options().dtype(at::kLong));
-  if (in.options.scale == Scale::kBatch) {
-    // The first launch leaves per-group moments in out's count, mean and reward_var; the
-    // second, ordered after the merge on the same stream, overwrites them with the results.
-    launch_group_advantages(in, out, scratch, /*moments_only=*/true, stream);
-    scratch.batch_std = batch_std_from_moments(in, out);
+struct CudaBackend {
+  static void run(const Inputs& in, Outputs& out) {
+    const c10::cuda::CUDAGuard guard(in.rewards.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    Scratch scratch;
+    scratch.kept_count = at::zeros({in.num_groups}, in.rewards.options().dtype(at::kLong));
+    if (in.options.scale == Scale::kBatch) {
+      // The first launch leaves per-group moments in out's count, mean and reward_var; the
+      // second, ordered after the merge on the same stream, overwrites them with the results.
+      launch_group_advantages(in, out, scratch, /*moments_only=*/true, stream);
+      scratch.batch_std = batch_std_from_moments(in, out);
+    }
+    launch_group_advantages(in, out, scratch, /*moments_only=*/false, stream);
+    out.num_kept.copy_(scratch.kept_count.sum());
+    if (in.return_index) {
+      out.kept_index.fill_(-1);
+      const at::Tensor first_slot = at::cumsum(scratch.kept_count, 0) - scratch.kept_count;
+      launch_kept_index(in, out.sample_mask, first_slot, out.kept_index, stream);
+    }
   }
-  launch_group_advantages(in, out, scratch, /*moments_only=*/false, stream);
-  out.num_kept.copy_(scratch.kept_count.sum());
-  if (in.return_index) {
-    out.kept_index.fill_(-1);
-    const at::Tensor first_slot = at::cumsum(scratch.kept_count, 0) - scratch.kept_count;
-    launch_kept_index(in, out.sample_mask, first_slot, out.kept_index, stream);
-  }
-  return out.as_tuple();
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bandadv, CUDA, m) { m.impl("group_advantages", &group_advantages_cuda); }
+TORCH_LIBRARY_IMPL(bandadv, CUDA, m) { m.impl("group_advantages", &group_advantages_entry<CudaBackend>); }
 
 }  // namespace bandadv::cuda
