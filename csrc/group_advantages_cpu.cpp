@@ -24,7 +24,7 @@ constexpr int64_t kChunk = 1024;
 constexpr int64_t kGrain = 256;
 // Independent partial sums per reduction: breaks the add latency chain and lets the compiler
 // keep them in one SIMD register. The summation order is fixed, so results are reproducible.
-constexpr int kLanes = 8;
+constexpr int kLanes = 4;
 
 template <typename acc_t>
 struct Chunk {
