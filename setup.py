@@ -67,8 +67,12 @@ def extensions():
 
 
 setup(
-    packages=["bandadv", "bandadv.triton_kernels"],
-    package_dir={"bandadv": "python/bandadv", "bandadv.triton_kernels": "triton_kernels"},
+    packages=["bandadv", "bandadv.integrations", "bandadv.triton_kernels"],
+    package_dir={
+        "bandadv": "python/bandadv",
+        "bandadv.integrations": "python/bandadv/integrations",
+        "bandadv.triton_kernels": "triton_kernels",
+    },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )
