@@ -107,6 +107,9 @@ def providers(device: str, case: Case, compile_reference: bool = False) -> dict[
     out["verl-vectorized"] = (only_adv, lambda x: baselines.verl_grpo_vectorized(x["rewards"], x["index"]))
     if samples <= 16384 and device == "cpu":
         out["verl-loop"] = (only_adv, lambda x: baselines.verl_grpo_loop(x["rewards"], x["index_list"]))
+    out["copy"] = ("copy of the rewards (bandwidth ceiling)", lambda x: x["rewards"].clone())
+    # Last: compiling changes the allocator's state (large blocks then come back without page
+    # faults), which would flatter whatever is timed after it.
     if compile_reference:
         compiled = torch.compile(reference_group_advantages, dynamic=False)
 
@@ -115,7 +118,6 @@ def providers(device: str, case: Case, compile_reference: bool = False) -> dict[
             return compiled(x["rewards"], **layout)
 
         out["torch.compile(reference)"] = ("advantages + masks + stats, float64", run_compiled)
-    out["copy"] = ("copy of the rewards (bandwidth ceiling)", lambda x: x["rewards"].clone())
     return out
 
 
