@@ -198,9 +198,19 @@ def _register_triton_op() -> None:
 
 # Registered at import where it can run (a GPU, no interpreter), so that no registration
 # happens while torch.compile traces a call.
-TRITON_OP_REGISTERED = TRITON_AVAILABLE and not triton_interpreting() and torch.cuda.is_available()
-if TRITON_OP_REGISTERED:
-    _register_triton_op()
+TRITON_OP_REGISTERED = False
+TRITON_OP_ERROR: str | None = None
+if TRITON_AVAILABLE and not triton_interpreting() and torch.cuda.is_available():
+    try:
+        _register_triton_op()
+        TRITON_OP_REGISTERED = True
+    except Exception as error:  # an older torch or triton: the kernel still runs, called directly
+        TRITON_OP_ERROR = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"bandadv: could not register the Triton kernel as a torch op ({TRITON_OP_ERROR}); backend='triton' "
+            "calls it directly, so torch.compile cannot trace into it",
+            stacklevel=2,
+        )
 
 
 def group_advantages_op(
@@ -225,7 +235,7 @@ def group_advantages_op(
         return torch.ops.bandadv.group_advantages.default(*args, **kwargs)
     if rewards.device.type == "cuda" and TRITON_OP_REGISTERED:
         return torch.ops.bandadv.group_advantages_triton.default(*args, **kwargs)
-    if triton_interpreting() and TRITON_AVAILABLE:
+    if TRITON_AVAILABLE and (rewards.device.type == "cuda" or triton_interpreting()):
         from .triton_kernels.group_advantage import group_advantages_triton
 
         return group_advantages_triton(*args, **kwargs)
