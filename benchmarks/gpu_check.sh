@@ -37,7 +37,7 @@ status+=("tests=$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED)")
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
-    timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY benchmarks/sanitizer_driver.py >>"$LOG" 2>&1
+    timeout 75 compute-sanitizer --tool $tool --error-exitcode 7 $PY benchmarks/sanitizer_driver.py >>"$LOG" 2>&1
     code=$?; status+=("$tool=$([ $code = 0 ] && echo ok || echo "FAILED($code)")")
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|driver: ok" "$LOG" | tail -2
   done
@@ -46,7 +46,7 @@ else
 fi
 
 step "benchmark sweep"
-timeout 150 $PY benchmarks/sweep.py --device cuda --budget 0.2 --out "$RESULTS" 2>&1 | tee -a "$LOG" | tail -40
+timeout 120 $PY benchmarks/sweep.py --device cuda --budget 0.15 --out "$RESULTS" 2>&1 | tee -a "$LOG" | tail -40
 status+=("bench=$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED)")
 
 SUMMARY=$RESULTS/gpu_check_${TAG}.json
