@@ -74,8 +74,8 @@ def group_advantages(
         return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    ops.check_inputs(rewards, group_size or 0, offsets, success, valid, prior)  # before reading values
     if validate and not torch.compiler.is_compiling():
-        ops.check_inputs(rewards, group_size or 0, offsets, success, valid, prior)  # before reading values
         _check_values(rewards, offsets, success, prior)
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index)
 
@@ -142,7 +142,7 @@ def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
 
 
 def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index) -> GroupAdvantages:
-    ops.check_inputs(rewards, group_size, offsets, success, valid, prior)
+    """Runs a checked call (ops.check_inputs) on the backend asked for."""
     if backend == "torch":
         return _as_op_dtypes(
             reference_group_advantages(
@@ -210,6 +210,7 @@ def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, r
     def take(t: torch.Tensor | None) -> torch.Tensor | None:
         return t[order] if t is not None and t.dim() == 1 and t.shape[0] == order.shape[0] else t
 
+    ops.check_inputs(rewards, 0, offsets, success, valid, prior)
     if validate:
         _check_values(rewards, None, success, prior)
     out = _run(rewards[order], 0, offsets, take(success), take(valid), prior, cfg, backend, False)

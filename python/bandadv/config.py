@@ -105,10 +105,18 @@ class AdvantageConfig:
         return cls(**{**PRESETS[preset], **overrides})
 
     def op_kwargs(self) -> dict[str, Any]:
-        """The option arguments of torch.ops.bandadv.group_advantages."""
-        kwargs = {name: getattr(self, name) for name in OPTION_NAMES}
-        kwargs["band"] = list(self.band) if self.band is not None else None
-        return kwargs
+        """The option arguments of torch.ops.bandadv.group_advantages, by name."""
+        return dict(zip(OPTION_NAMES, self.op_args(), strict=True))
+
+    def op_args(self) -> tuple:
+        """The option arguments of torch.ops.bandadv.group_advantages, in schema order (they
+        follow `prior` there); computed once per config, since the op is on a hot path."""
+        cached = self.__dict__.get("_op_args")
+        if cached is None:
+            band = list(self.band) if self.band is not None else None
+            cached = tuple(band if name == "band" else getattr(self, name) for name in OPTION_NAMES)
+            object.__setattr__(self, "_op_args", cached)
+        return cached
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdvantageConfig))

@@ -229,16 +229,15 @@ def group_advantages_op(
     kernel of the tensor's device), or with triton=True the Triton kernel,
     torch.ops.bandadv.group_advantages_triton on CUDA tensors and the kernel itself under the CPU
     interpreter (triton_op rejects interpreted kernels)."""
-    args = (rewards, group_size, offsets, success, valid, prior)
-    kwargs = {"return_index": return_index, **config.op_kwargs()}
+    args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), return_index)
     if not triton:
-        return torch.ops.bandadv.group_advantages.default(*args, **kwargs)
+        return torch.ops.bandadv.group_advantages.default(*args)
     if rewards.device.type == "cuda" and TRITON_OP_REGISTERED:
-        return torch.ops.bandadv.group_advantages_triton.default(*args, **kwargs)
+        return torch.ops.bandadv.group_advantages_triton.default(*args)
     if TRITON_AVAILABLE and (rewards.device.type == "cuda" or triton_interpreting()):
         from .triton_kernels.group_advantage import group_advantages_triton
 
-        return group_advantages_triton(*args, **kwargs)
+        return group_advantages_triton(*args)
     if not TRITON_AVAILABLE:
         raise RuntimeError("backend='triton' needs the triton package")
     raise ValueError(
