@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,13 @@ def test_import_without_extension_warns_and_uses_reference():
     assert result.returncode == 0, result.stderr
     values = eval(result.stdout.strip().splitlines()[-1])
     assert values == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], rel=1e-5)
+
+
+def test_readme_usage_example_runs():
+    # The README's first code block is what a new user pastes: it must run as written.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].advantages.shape == (512 * 16,)
+    assert torch.isfinite(namespace["loss"])
