@@ -4,9 +4,9 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,7 +36,8 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(in.rewards.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     Scratch scratch;
-    scratch.kept_count = at::zeros({in.num_groups}, in.rewards.options().dtype(at::kLong));
+    // Every group's kept count is written by the main launch: no memset needed.
+    scratch.kept_count = at::empty({in.num_groups}, in.rewards.options().dtype(at::kLong));
     if (in.options.scale == Scale::kBatch) {
       // The first launch leaves per-group moments in out's count, mean and reward_var; the
       // second, ordered after the merge on the same stream, overwrites them with the results.
@@ -44,7 +45,7 @@ struct CudaBackend {
       scratch.batch_std = batch_std_from_moments(in, out);
     }
     launch_group_advantages(in, out, scratch, /*moments_only=*/false, stream);
-    out.num_kept.copy_(scratch.kept_count.sum());
+    at::sum_out(out.num_kept, scratch.kept_count);
     if (in.return_index) {
       out.kept_index.fill_(-1);
       const at::Tensor first_slot = at::cumsum(scratch.kept_count, 0) - scratch.kept_count;
