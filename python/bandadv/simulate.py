@@ -42,7 +42,8 @@ class SimConfig:
 class Method:
     name: str
     options: dict = field(default_factory=dict)
-    selection: str | None = None  # tracker model used to pick prompts before rollout
+    tracker: str | None = None  # PromptTracker model: its prior feeds the accidental-success rule
+    select: bool = False  # also pick prompts before rollout by Thompson sampling toward 0.5
     band_controller: bool = False
 
 
@@ -52,11 +53,16 @@ METHODS = (
     Method("all-equal filter", dict()),
     Method("band", dict(band=BAND)),
     Method("band+accidental", dict(band=BAND, accidental_max_successes=2)),
-    Method("tracker-beta", dict(band=BAND, accidental_max_successes=2), selection="beta"),
-    Method("tracker-logistic", dict(band=BAND, accidental_max_successes=2), selection="logistic"),
+    Method("band+accidental+prior", dict(band=BAND, accidental_max_successes=2), tracker="beta"),
+    Method("tracker-beta", dict(band=BAND, accidental_max_successes=2), tracker="beta", select=True),
+    Method("tracker-logistic", dict(band=BAND, accidental_max_successes=2), tracker="logistic", select=True),
 )
 MAIN = Method(
-    "tracker-beta + band controller", dict(accidental_max_successes=2), selection="beta", band_controller=True
+    "tracker-beta + band controller",
+    dict(accidental_max_successes=2),
+    tracker="beta",
+    select=True,
+    band_controller=True,
 )
 
 
@@ -113,7 +119,7 @@ def train(method: Method, cfg: SimConfig, progress=None) -> History:
     lengths = torch.randint(1, cfg.max_len + 1, (cfg.num_prompts,), generator=gen)
     policy = Policy(cfg.max_len)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    tracker = PromptTracker(cfg.num_prompts, method.selection) if method.selection else None
+    tracker = PromptTracker(cfg.num_prompts, method.tracker) if method.tracker else None
     controller = (
         BandController(band=BAND, target_kept=0.5, step=0.02, min_width=0.2) if method.band_controller else None
     )
@@ -122,7 +128,7 @@ def train(method: Method, cfg: SimConfig, progress=None) -> History:
     hist = History()
     rollouts = 0
     for step in range(cfg.steps):
-        if tracker is not None:
+        if method.select:
             pool = torch.randperm(cfg.num_prompts, generator=gen)[: cfg.candidates_per_step]
             prompts = tracker.select(pool, cfg.prompts_per_step, "thompson", gen, validate=False)
         else:
