@@ -30,11 +30,6 @@ def gpu_backend(request) -> str:
     return request.param
 
 
-def to_cuda(layout: dict, extras: dict) -> tuple[dict, dict]:
-    move = lambda d: {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}  # noqa: E731
-    return move(layout), move(extras)
-
-
 def run_gpu(rewards, backend, config, return_index=True, **kwargs):
     layout = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     out = bandadv.group_advantages(rewards.cuda(), config=config, backend=backend, return_index=return_index, **layout)
