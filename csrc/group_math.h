@@ -30,6 +30,11 @@ enum Reason : int32_t {
   kTooFew = 32,
 };
 
+// sigma <= min_std is tested with this relative slack on every backend: binary rewards make exact
+// ties common (10 samples at p = 0.1 have population std exactly 0.3), and a float32 std lands on
+// either side of such a tie; with the slack, float32 and float64 backends classify ties alike.
+constexpr double kLowStdSlack = 1e-5;
+
 enum class Estimator : int32_t { kGrpo = 0, kDrGrpo = 1, kRloo = 2 };
 enum class Scale : int32_t { kGroup = 0, kBatch = 1, kNone = 2 };
 enum class Singleton : int32_t { kZero = 0, kRaw = 1 };
@@ -143,11 +148,11 @@ BANDADV_HD int32_t group_reason(const Moments<acc_t>& m, acc_t std, bool has_pri
   int32_t reason = 0;
   if (m.n < 2 && o.mask_too_few) reason |= kTooFew;
   if (m.n >= 2 && o.mask_all_equal && m.lo == m.hi) reason |= kAllEqual;
-  if (m.n >= 2 && o.use_min_std && double(std) <= o.min_std) reason |= kLowStd;
+  if (m.n >= 2 && o.use_min_std && double(std) <= o.min_std * (1.0 + kLowStdSlack)) reason |= kLowStd;
   // The band is decided in float64 from k / n on every backend, so that a pass
   // rate sitting exactly on a bound is classified identically everywhere.
-  const double p = double(m.successes) / double(m.n);
   if (o.use_band) {
+    const double p = double(m.successes) / double(m.n);
     if (o.band_inclusive ? p < o.band_lo : p <= o.band_lo) reason |= kBelowBand;
     if (o.band_inclusive ? p > o.band_hi : p >= o.band_hi) reason |= kAboveBand;
   }

@@ -20,6 +20,8 @@ LOW_STD = tl.constexpr(8)
 ACCIDENTAL_SUCCESS = tl.constexpr(16)
 TOO_FEW = tl.constexpr(32)
 
+LOW_STD_SLACK = tl.constexpr(1e-5)  # kLowStdSlack of csrc/group_math.h
+
 # Estimator and scale codes.
 GRPO = tl.constexpr(0)
 DR_GRPO = tl.constexpr(1)
@@ -93,7 +95,9 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
     if MASK_ALL_EQUAL:
         reason = tl.where((n_i >= 2) & all_equal, reason | ALL_EQUAL, reason)
     if USE_MIN_STD:
-        reason = tl.where((n_i >= 2) & (std.to(tl.float64) <= min_std), reason | LOW_STD, reason)
+        reason = tl.where(
+            (n_i >= 2) & (std.to(tl.float64) <= min_std * (1.0 + LOW_STD_SLACK)), reason | LOW_STD, reason
+        )
     p64 = k.to(tl.float64) / tl.maximum(n_i, 1).to(tl.float64)  # band decided in float64
     if USE_BAND:
         if BAND_INCLUSIVE:

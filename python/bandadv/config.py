@@ -36,7 +36,9 @@ class AdvantageConfig:
         mask_all_equal: mask groups whose valid rewards are all identical (DAPO dynamic sampling).
         band: (lo, hi) pass-rate band; groups outside it are masked. None turns it off.
         band_inclusive: keep lo <= p <= hi (default); False keeps lo < p < hi (OpenRLHF, ROLL).
-        min_std: mask groups with std <= min_std (continuous rewards). None turns it off.
+        min_std: mask groups with std <= min_std (continuous rewards; compared with a 1e-5
+            relative slack, so that exact ties classify alike on float32 and float64 backends).
+            None turns it off.
         accidental_max_successes: flag groups with 1..this many successes as accidental
             successes; 0 turns the rule off. With a prior, only prompts whose prior pass rate
             is below accidental_prior_max are flagged (a NaN prior counts as unknown: flagged).

@@ -12,6 +12,9 @@ from .config import AdvantageConfig
 from .types import GroupAdvantages, GroupStats, Reason
 
 f64 = torch.float64
+# sigma <= min_std is tested with this relative slack on every backend (kLowStdSlack in
+# csrc/group_math.h): exact ties are common with binary rewards, and float32 lands either side.
+LOW_STD_SLACK = 1e-5
 
 
 def reference_group_advantages(
@@ -73,7 +76,7 @@ def reference_group_advantages(
     if cfg.mask_all_equal:
         flag((n >= 2) & all_equal, Reason.ALL_EQUAL)
     if cfg.min_std is not None:
-        flag((n >= 2) & (std <= cfg.min_std), Reason.LOW_STD)
+        flag((n >= 2) & (std <= cfg.min_std * (1 + LOW_STD_SLACK)), Reason.LOW_STD)
     if cfg.band is not None:
         band_lo, band_hi = cfg.band
         below = pass_rate < band_lo if cfg.band_inclusive else pass_rate <= band_lo
