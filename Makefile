@@ -24,7 +24,7 @@ simulate: build
 	$(PY) -m bandadv simulate
 
 compare: build
-	$(PY) -m bandadv simulate --compare
+	$(PY) -m bandadv simulate --compare --seeds 5
 
 demo: build
 	$(PY) -m bandadv demo
