@@ -113,15 +113,10 @@ def _flatten_2d(rewards, group_size, success, valid):
 
 
 def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
-    """Checks that read tensor values (a host sync on a GPU)."""
-    if (
-        offsets is not None
-        and offsets.dim() == 1
-        and offsets.numel() >= 1
-        and not offsets.is_floating_point()
-        and offsets.dtype != torch.bool
-    ):
-        n = rewards.shape[0] if rewards.dim() == 1 else -1
+    """Checks that read tensor values (a host sync on a GPU); shapes and dtypes were checked by
+    ops.check_inputs first, so offsets here is a 1-D integer tensor with at least one entry."""
+    if offsets is not None:
+        n = rewards.shape[0]
         first, last, min_step = torch.stack(
             [offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0]
         ).tolist()
@@ -207,10 +202,11 @@ def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, r
     offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=rewards.device)
     torch.cumsum(sizes, 0, out=offsets[1:])
 
-    def take(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t[order] if t is not None and t.dim() == 1 and t.shape[0] == order.shape[0] else t
-
     ops.check_inputs(rewards, 0, offsets, success, valid, prior)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[order] if t is not None else None
+
     if validate:
         _check_values(rewards, None, success, prior)
     out = _run(rewards[order], 0, offsets, take(success), take(valid), prior, cfg, backend, False)
