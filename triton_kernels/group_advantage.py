@@ -317,7 +317,7 @@ def group_advantages_triton(
     reason = torch.empty(num_groups, dtype=torch.int32, device=dev)
     group_mask = torch.empty(num_groups, dtype=torch.bool, device=dev)
     count = torch.empty(num_groups, dtype=torch.int32, device=dev)
-    kept_count = torch.zeros(num_groups, dtype=torch.int64, device=dev)
+    kept_count = torch.empty(num_groups, dtype=torch.int64, device=dev)  # every group writes its own
     kept_index = torch.full((n if return_index else 0,), -1, dtype=torch.int64, device=dev)
     if num_groups == 0:
         return (advantages, sample_mask, reason, group_mask, count, successes, mean, std, pass_rate, success_var,
