@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "group_math.h"
@@ -22,20 +24,57 @@ namespace {
 constexpr int64_t kChunk = 1024;
 // Groups per parallel task; fixed, so results never depend on thread count.
 constexpr int64_t kGrain = 256;
-// Independent partial sums per reduction: breaks the add latency chain and lets the compiler
-// keep them in one SIMD register. The summation order is fixed, so results are reproducible.
-constexpr int kLanes = 4;
+
+// Explicit SIMD through the GCC/Clang vector extensions: 32-byte vectors, which the compiler
+// maps onto whatever vector registers the target has (two SSE registers on the x86-64
+// baseline). Written out because the compiler will not if-convert the NaN tests and masked
+// min/max on its own, which left the sweeps scalar and branchy. Sums are kept per lane and
+// added lane by lane at the end: a fixed order, so results are reproducible.
+template <typename acc_t>
+struct Simd {
+  static constexpr int kWidth = 16 / sizeof(acc_t);
+  using lane_int = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  typedef acc_t V __attribute__((vector_size(16)));
+  typedef lane_int M __attribute__((vector_size(16)));  // lanes of all ones (true) or zeros
+
+  static C10_ALWAYS_INLINE V load(const acc_t* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static C10_ALWAYS_INLINE void store(acc_t* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+  static C10_ALWAYS_INLINE V splat(acc_t x) { return V{} + x; }
+  static C10_ALWAYS_INLINE V select(M m, V a, V b) { return (V)(((M)a & m) | ((M)b & ~m)); }
+  static C10_ALWAYS_INLINE V keep(M m, V a) { return (V)((M)a & m); }  // a where m, else +0
+  static C10_ALWAYS_INLINE acc_t sum(V v) {
+    acc_t t = v[0];
+    for (int i = 1; i < kWidth; ++i) t += v[i];
+    return t;
+  }
+};
 
 template <typename acc_t>
 struct Chunk {
-  int64_t size = 0;
-  acc_t reward[kChunk];  // 0 where invalid
-  acc_t ok[kChunk];      // 1 or 0
-  acc_t success[kChunk]; // 0 where invalid
+  int64_t size = 0;  // samples in the chunk; the buffers are padded to whole vectors
+  alignas(64) acc_t reward[kChunk];   // staged rewards (NaN where the valid flag is off), then 0 where invalid
+  alignas(64) acc_t success[kChunk];  // staged success values, when given
+  alignas(64) acc_t ok[kChunk];       // 1 or 0
+};
+
+// Count, sums and range of one chunk's valid samples, from its load.
+template <typename acc_t>
+struct ChunkSums {
+  acc_t n, sum, successes, lo, hi;
 };
 
 template <typename scalar_t, typename acc_t, bool kHasSuccess, bool kHasValid>
 struct CpuGroupKernel {
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  using M = typename S::M;
+  static constexpr int kW = S::kWidth;
+  static_assert(kChunk % kW == 0);
+
   const scalar_t* rewards;
   const acc_t* success;
   const bool* valid;
@@ -77,65 +116,102 @@ struct CpuGroupKernel {
   int64_t begin(int64_t g) const { return offsets ? offsets[g] : g * group_size; }
   int64_t end(int64_t g) const { return offsets ? offsets[g + 1] : (g + 1) * group_size; }
 
-  C10_ALWAYS_INLINE void load(int64_t lo, int64_t hi, Chunk<acc_t>& c) const {
-    c.size = hi - lo;
-    for (int64_t j = 0; j < c.size; ++j) {
+  // Reads samples [lo, hi) into c and sums them in the same sweep. A sample is valid under
+  // sample_is_valid (group_math.h): flag set, reward and success finite.
+  // The range (lo, hi) is only ever used for the exact all-equal test, so it is kept in a
+  // cheaper form than a running min/max: (v, v) when every valid sample equals v, and
+  // (-inf, +inf) otherwise. merge_moments and the test lo == hi treat it exactly as a range.
+  C10_ALWAYS_INLINE ChunkSums<acc_t> load(int64_t lo, int64_t hi, Chunk<acc_t>& c) const {
+    constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+    const int64_t size = hi - lo, padded = (size + kW - 1) / kW * kW;
+    c.size = size;
+    // Stage in acc_t; an unset valid flag reads as a NaN reward, and the padding is invalid.
+    for (int64_t j = 0; j < size; ++j) {
       const acc_t r = static_cast<acc_t>(rewards[lo + j]);
-      const acc_t s = kHasSuccess ? success[lo + j] : default_success(r);
-      const bool ok = sample_is_valid(r, kHasValid ? valid[lo + j] : true, s);
-      c.reward[j] = ok ? r : acc_t(0);
-      c.ok[j] = ok ? acc_t(1) : acc_t(0);
-      c.success[j] = ok ? s : acc_t(0);
+      c.reward[j] = kHasValid ? (valid[lo + j] ? r : nan) : r;
     }
+    for (int64_t j = size; j < padded; ++j) c.reward[j] = nan;
+    if constexpr (kHasSuccess) {
+      for (int64_t j = 0; j < size; ++j) c.success[j] = success[lo + j];
+      for (int64_t j = size; j < padded; ++j) c.success[j] = acc_t(0);
+    }
+    // The first valid reward, which every other valid reward is compared with.
+    acc_t first = 0;
+    for (int64_t j = 0; j < size; ++j) {
+      if (sample_is_valid(c.reward[j], true, kHasSuccess ? c.success[j] : acc_t(0))) {
+        first = c.reward[j];
+        break;
+      }
+    }
+    const V one = S::splat(1), half = S::splat(0.5), vfirst = S::splat(first);
+    V n = {}, sum = {}, k = {};
+    M differ = {};
+    for (int64_t j = 0; j < padded; j += kW) {
+      const V r = S::load(c.reward + j);
+      M ok = (r - r) == V{};  // finite, as is_finite in group_math.h
+      V s;
+      if constexpr (kHasSuccess) {
+        s = S::load(c.success + j);
+        ok &= (s - s) == V{};
+      } else {
+        s = S::keep(r > half, one);  // default_success
+      }
+      const V rv = S::keep(ok, r), w = S::keep(ok, one);
+      S::store(c.reward + j, rv);
+      S::store(c.ok + j, w);
+      n += w;
+      sum += rv;
+      k += S::keep(ok, s);
+      differ |= ok & (r != vfirst);
+    }
+    bool all_equal = true;
+    for (int i = 0; i < kW; ++i) all_equal &= differ[i] == 0;
+    return {S::sum(n), S::sum(sum), S::sum(k), all_equal ? first : -inf, all_equal ? first : inf};
   }
 
-  // Sums of a chunk in kLanes interleaved partials (a fixed order, so reproducible), written as
-  // blocks of kLanes so that the compiler keeps each set of partials in SIMD registers.
-  template <typename F>
-  static C10_ALWAYS_INLINE void lane_sums(int64_t size, F&& add) {
-    int64_t j = 0;
-    for (; j + kLanes <= size; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) add(l, j + l);
-    for (int l = 0; j < size; ++j, ++l) add(l, j);
-  }
-
-  static C10_ALWAYS_INLINE acc_t total(const acc_t (&part)[kLanes]) {
-    acc_t t = 0;
-    for (int l = 0; l < kLanes; ++l) t += part[l];
-    return t;
-  }
-
-  C10_ALWAYS_INLINE Moments<acc_t> chunk_moments(const Chunk<acc_t>& c) const {
-    acc_t n[kLanes] = {}, sum[kLanes] = {}, k[kLanes] = {};
-    lane_sums(c.size, [&](int l, int64_t j) {
-      n[l] += c.ok[j];
-      sum[l] += c.reward[j];
-      k[l] += c.success[j];
-    });
+  // Moments of a loaded chunk: a second sweep of centred sums about the first sweep's mean.
+  C10_ALWAYS_INLINE Moments<acc_t> chunk_moments(const Chunk<acc_t>& c, const ChunkSums<acc_t>& s) const {
     Moments<acc_t> m;
-    m.n = static_cast<int64_t>(total(n));
+    m.n = static_cast<int64_t>(s.n);
     if (m.n == 0) return m;
-    m.successes = total(k);
-    const acc_t shift = total(sum) / acc_t(m.n);
-    acc_t d[kLanes] = {}, d2[kLanes] = {}, lo[kLanes], hi[kLanes];
-    for (int l = 0; l < kLanes; ++l) lo[l] = hi[l] = shift;  // shift lies within [min, max]
-    lane_sums(c.size, [&](int l, int64_t j) {
-      const bool ok = c.ok[j] != acc_t(0);
-      const acc_t x = (c.reward[j] - shift) * c.ok[j];
-      d[l] += x;
-      d2[l] += x * x;
-      const acc_t r = ok ? c.reward[j] : shift;
-      lo[l] = r < lo[l] ? r : lo[l];
-      hi[l] = r > hi[l] ? r : hi[l];
-    });
-    m.lo = lo[0];
-    m.hi = hi[0];
-    for (int l = 1; l < kLanes; ++l) {
-      m.lo = lo[l] < m.lo ? lo[l] : m.lo;
-      m.hi = hi[l] > m.hi ? hi[l] : m.hi;
+    m.successes = s.successes;
+    m.lo = s.lo;
+    m.hi = s.hi;
+    const acc_t shift = s.sum / s.n;
+    const V vshift = S::splat(shift);
+    V d = {}, d2 = {};
+    for (int64_t j = 0; j < c.size; j += kW) {
+      const V x = (S::load(c.reward + j) - vshift) * S::load(c.ok + j);
+      d += x;
+      d2 += x * x;
     }
-    set_two_pass(m, shift, total(d), total(d2));
+    set_two_pass(m, shift, S::sum(d), S::sum(d2));
     return m;
+  }
+
+  // Advantages and mask of one loaded chunk of a kept group, written to [lo, lo + c.size).
+  // The vector body computes sample_advantage (group_math.h) in the same operation order.
+  C10_ALWAYS_INLINE void write_chunk(int64_t lo, const Chunk<acc_t>& c, const GroupResult<acc_t>& res) const {
+    acc_t* adv = advantages + lo;
+    bool* mask = sample_mask + lo;
+    const bool live = res.factor != acc_t(0) && res.denom != acc_t(0);
+    const V center = S::splat(res.center), factor = S::splat(res.factor);
+    const V denom = S::splat(live ? res.denom : acc_t(1)), clip = S::splat(res.clip_value);
+    const M alive = S::splat(live ? acc_t(1) : acc_t(0)) > V{};
+    int64_t j = 0;
+    for (; j + kW <= c.size; j += kW) {
+      const M ok = S::load(c.ok + j) > V{};
+      V a = (S::load(c.reward + j) - center) * factor / denom;
+      if (res.clip) a = S::select(a > clip, clip, a);
+      S::store(adv + j, S::keep(ok & alive, a));
+      for (int i = 0; i < kW; ++i) mask[j + i] = ok[i] != 0;
+    }
+    for (; j < c.size; ++j) {
+      const bool ok = c.ok[j] > acc_t(0);
+      adv[j] = ok ? sample_advantage(c.reward[j], res) : acc_t(0);
+      mask[j] = ok;
+    }
   }
 
   // Writes group g's statistics, advantages and mask; returns its number of kept samples.
@@ -159,11 +235,7 @@ struct CpuGroupKernel {
     }
     for (int64_t lo = b; lo < e; lo += kChunk) {
       if (lo != b) load(lo, std::min(lo + kChunk, e), first);
-      for (int64_t j = 0; j < first.size; ++j) {
-        const acc_t a = sample_advantage(first.reward[j], res);
-        advantages[lo + j] = first.ok[j] != acc_t(0) ? a : acc_t(0);
-        sample_mask[lo + j] = first.ok[j] != acc_t(0);
-      }
+      write_chunk(lo, first, res);
     }
     return res.count;
   }
@@ -171,14 +243,11 @@ struct CpuGroupKernel {
   // Moments of group g; leaves its first chunk in `first`.
   Moments<acc_t> group_moments(int64_t g, Chunk<acc_t>& first) const {
     const int64_t b = begin(g), e = end(g);
-    load(b, std::min(b + kChunk, e), first);
-    Moments<acc_t> m = chunk_moments(first);
+    Moments<acc_t> m = chunk_moments(first, load(b, std::min(b + kChunk, e), first));
     if (e - b > kChunk) {
       Chunk<acc_t> rest;
-      for (int64_t lo = b + kChunk; lo < e; lo += kChunk) {
-        load(lo, std::min(lo + kChunk, e), rest);
-        m = merge_moments(m, chunk_moments(rest));
-      }
+      for (int64_t lo = b + kChunk; lo < e; lo += kChunk)
+        m = merge_moments(m, chunk_moments(rest, load(lo, std::min(lo + kChunk, e), rest)));
     }
     return m;
   }

@@ -46,6 +46,8 @@ def random_rewards(n: int, kind: str, gen: torch.Generator, dtype=torch.float32)
         r = (torch.rand(n, generator=gen) < torch.rand(1, generator=gen)).to(torch.float64)
     elif kind == "ternary":  # correctness plus a format bonus: many ties
         r = (torch.rand(n, generator=gen) < 0.5).to(torch.float64) + 0.1 * (torch.rand(n, generator=gen) < 0.5)
+    elif kind == "two_values":  # two arbitrary floats: all-equal groups whose mean does not round back
+        r = (torch.rand(2, generator=gen, dtype=torch.float64) * 10)[torch.randint(0, 2, (n,), generator=gen)]
     elif kind == "offset":  # large mean, unit spread: stresses the centred variance
         r = 1000.0 + torch.randn(n, generator=gen, dtype=torch.float64)
     else:

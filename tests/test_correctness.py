@@ -113,7 +113,7 @@ def cases(draw):
         n = g * num_groups
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
-    kind = draw(st.sampled_from(["binary", "ternary", "continuous"]))
+    kind = draw(st.sampled_from(["binary", "ternary", "continuous", "two_values"]))
     dtype = draw(st.sampled_from(DTYPES))
     rewards = random_rewards(n, kind, gen, torch.float64)
     bad = torch.rand(n, generator=gen) < draw(st.sampled_from([0.0, 0.1, 0.5]))
@@ -160,3 +160,20 @@ def test_low_std_ties_classify_alike_on_every_backend(backend):
     out = bandadv.group_advantages(rewards, 10, unbiased=False, min_std=0.3, mask_all_equal=False, backend=backend)
     std = torch.sqrt(torch.arange(1, 9) / 10 * (1 - torch.arange(1, 9) / 10))
     assert ((out.reason & int(bandadv.Reason.LOW_STD)) != 0).tolist() == (std <= 0.3 + 1e-9).tolist()
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 7, 13, 16, 33, 1023, 1030])
+def test_all_equal_groups_of_any_value_are_masked(backend, group_size):
+    # The float32 mean of n copies of v need not round back to v (7 copies of 0.7242819...), so
+    # the all-equal test must compare the values themselves, never the mean (found on the CPU).
+    gen = torch.Generator().manual_seed(group_size)
+    values = torch.rand(64, generator=gen) * 10
+    values[::9] = -values[::9]
+    rewards = values.repeat_interleave(group_size)
+    if group_size > 2:
+        rewards[1 :: 5 * group_size] = float("nan")  # a NaN in some groups leaves the rest equal
+    out = bandadv.group_advantages(rewards, group_size, backend=backend)
+    assert ((out.reason & int(bandadv.Reason.ALL_EQUAL)) != 0).all(), out.reason
+    assert not out.group_mask.any()
+    assert torch.equal(out.stats.mean, values)
+    assert (out.advantages == 0).all() and int(out.num_kept) == 0
