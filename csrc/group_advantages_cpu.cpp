@@ -8,6 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -22,8 +26,9 @@ namespace {
 // two-pass (mean, then centred squares) and the chunks Chan-merged: the same shape of
 // computation the GPU kernels use, so the merge is exercised on the CPU too.
 constexpr int64_t kChunk = 1024;
-// Groups per parallel task; fixed, so results never depend on thread count.
-constexpr int64_t kGrain = 256;
+// Samples per parallel task, at least. Each group's results depend on that group alone, so
+// how the groups are split among threads never changes a result.
+constexpr int64_t kGrainSamples = 2048;
 
 // Explicit SIMD through the GCC/Clang vector extensions: 32-byte vectors, which the compiler
 // maps onto whatever vector registers the target has (two SSE registers on the x86-64
@@ -44,6 +49,19 @@ struct Simd {
   }
   static C10_ALWAYS_INLINE void store(acc_t* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   static C10_ALWAYS_INLINE V splat(acc_t x) { return V{} + x; }
+  // Writes the lanes of m as bools (bytes of 0 or 1); packed with SSE2 for float lanes, where
+  // the compiler would otherwise move the lanes out one by one.
+  static C10_ALWAYS_INLINE void store_mask(bool* p, M m) {
+#if defined(__SSE2__)
+    if constexpr (kWidth == 4) {
+      const __m128i words = _mm_packs_epi32((__m128i)m, (__m128i)m);
+      const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(words, words)) & 0x01010101;
+      __builtin_memcpy(p, &bytes, sizeof bytes);
+      return;
+    }
+#endif
+    for (int i = 0; i < kWidth; ++i) p[i] = m[i] != 0;
+  }
   static C10_ALWAYS_INLINE V select(M m, V a, V b) { return (V)(((M)a & m) | ((M)b & ~m)); }
   static C10_ALWAYS_INLINE V keep(M m, V a) { return (V)((M)a & m); }  // a where m, else +0
   static C10_ALWAYS_INLINE acc_t sum(V v) {
@@ -127,11 +145,17 @@ struct CpuGroupKernel {
     const int64_t size = hi - lo, padded = (size + kW - 1) / kW * kW;
     c.size = size;
     // Stage in acc_t; an unset valid flag reads as a NaN reward, and the padding is invalid.
-    for (int64_t j = 0; j < size; ++j) {
-      const acc_t r = static_cast<acc_t>(rewards[lo + j]);
-      c.reward[j] = kHasValid ? (valid[lo + j] ? r : nan) : r;
+    // Rewards already in acc_t, in whole vectors and with no flags, are read where they lie.
+    const acc_t* staged = c.reward;
+    if (std::is_same_v<scalar_t, acc_t> && !kHasValid && size == padded) {
+      staged = reinterpret_cast<const acc_t*>(rewards + lo);
+    } else {
+      for (int64_t j = 0; j < size; ++j) {
+        const acc_t r = static_cast<acc_t>(rewards[lo + j]);
+        c.reward[j] = kHasValid ? (valid[lo + j] ? r : nan) : r;
+      }
+      for (int64_t j = size; j < padded; ++j) c.reward[j] = nan;
     }
-    for (int64_t j = size; j < padded; ++j) c.reward[j] = nan;
     if constexpr (kHasSuccess) {
       for (int64_t j = 0; j < size; ++j) c.success[j] = success[lo + j];
       for (int64_t j = size; j < padded; ++j) c.success[j] = acc_t(0);
@@ -139,8 +163,8 @@ struct CpuGroupKernel {
     // The first valid reward, which every other valid reward is compared with.
     acc_t first = 0;
     for (int64_t j = 0; j < size; ++j) {
-      if (sample_is_valid(c.reward[j], true, kHasSuccess ? c.success[j] : acc_t(0))) {
-        first = c.reward[j];
+      if (sample_is_valid(staged[j], true, kHasSuccess ? c.success[j] : acc_t(0))) {
+        first = staged[j];
         break;
       }
     }
@@ -148,7 +172,7 @@ struct CpuGroupKernel {
     V n = {}, sum = {}, k = {};
     M differ = {};
     for (int64_t j = 0; j < padded; j += kW) {
-      const V r = S::load(c.reward + j);
+      const V r = S::load(staged + j);
       M ok = (r - r) == V{};  // finite, as is_finite in group_math.h
       V s;
       if constexpr (kHasSuccess) {
@@ -199,15 +223,16 @@ struct CpuGroupKernel {
     const V center = S::splat(res.center), factor = S::splat(res.factor);
     const V denom = S::splat(live ? res.denom : acc_t(1)), clip = S::splat(res.clip_value);
     const M alive = S::splat(live ? acc_t(1) : acc_t(0)) > V{};
+    const int64_t size = c.size;
     int64_t j = 0;
-    for (; j + kW <= c.size; j += kW) {
+    for (; j + kW <= size; j += kW) {
       const M ok = S::load(c.ok + j) > V{};
       V a = (S::load(c.reward + j) - center) * factor / denom;
       if (res.clip) a = S::select(a > clip, clip, a);
       S::store(adv + j, S::keep(ok & alive, a));
-      for (int i = 0; i < kW; ++i) mask[j + i] = ok[i] != 0;
+      S::store_mask(mask + j, ok);
     }
-    for (; j < c.size; ++j) {
+    for (; j < size; ++j) {
       const bool ok = c.ok[j] > acc_t(0);
       adv[j] = ok ? sample_advantage(c.reward[j], res) : acc_t(0);
       mask[j] = ok;
@@ -253,17 +278,18 @@ struct CpuGroupKernel {
   }
 
   void run(Outputs& out, bool return_index) const {
+    const int64_t grain = std::max<int64_t>(1, kGrainSamples * num_groups / std::max<int64_t>(1, num_samples));
     std::vector<int64_t> kept(num_groups);
     if (options.scale == Scale::kBatch) {
       std::vector<Moments<acc_t>> moments(num_groups);
-      at::parallel_for(0, num_groups, kGrain, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
         Chunk<acc_t> chunk;
         for (int64_t g = lo; g < hi; ++g) moments[g] = group_moments(g, chunk);
       });
       Moments<acc_t> batch;  // merged in group order: deterministic
       for (const auto& m : moments) batch = merge_moments(batch, m);
       const acc_t batch_std = std::sqrt(variance_of(batch, options.unbiased));
-      at::parallel_for(0, num_groups, kGrain, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
         Chunk<acc_t> chunk;
         for (int64_t g = lo; g < hi; ++g) {
           load(begin(g), std::min(begin(g) + kChunk, end(g)), chunk);
@@ -271,7 +297,7 @@ struct CpuGroupKernel {
         }
       });
     } else {
-      at::parallel_for(0, num_groups, kGrain, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
         Chunk<acc_t> chunk;
         for (int64_t g = lo; g < hi; ++g) kept[g] = finish(g, group_moments(g, chunk), acc_t(0), chunk);
       });
@@ -286,7 +312,7 @@ struct CpuGroupKernel {
     out.num_kept.fill_(total);
     if (!return_index) return;
     int64_t* index = out.kept_index.data_ptr<int64_t>();
-    at::parallel_for(0, num_groups, kGrain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t g = lo; g < hi; ++g) {
         int64_t slot = kept[g];
         for (int64_t i = begin(g), e = end(g); i < e; ++i) {

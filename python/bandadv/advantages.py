@@ -80,9 +80,27 @@ def group_advantages(
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index)
 
 
+# Configs built from keyword options, by (preset, options): building and validating one costs
+# more than a small op call, and a trainer passes the same options every step. The value types
+# are part of the key, so that a value the validation rejects (True for an int) never hits an
+# entry made by one it accepts (1).
+_CONFIG_CACHE: dict[tuple, AdvantageConfig] = {}
+_CONFIG_CACHE_SIZE = 256
+
+
 def _resolve_config(config: AdvantageConfig | None, preset: str | None, options: dict[str, Any]) -> AdvantageConfig:
     if config is None:
-        return AdvantageConfig.from_preset(preset, **options)
+        key = (preset, *((name, type(v), v) for name, v in sorted(options.items())))
+        try:
+            cached = _CONFIG_CACHE.get(key)
+        except TypeError:  # an unhashable value (a list band): built every call
+            return AdvantageConfig.from_preset(preset, **options)
+        if cached is None:
+            cached = AdvantageConfig.from_preset(preset, **options)
+            if len(_CONFIG_CACHE) >= _CONFIG_CACHE_SIZE:
+                _CONFIG_CACHE.clear()
+            _CONFIG_CACHE[key] = cached
+        return cached
     if preset is not None:
         raise ValueError("give config or preset, not both")
     if not isinstance(config, AdvantageConfig):
