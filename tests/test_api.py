@@ -134,6 +134,19 @@ def test_config_overrides():
     assert AdvantageConfig(estimator="rloo").scale == "none" and AdvantageConfig().scale == "group"
 
 
+def test_keyword_options_cached_per_value_and_type():
+    # Configs built from keyword options are cached; each distinct option set still gets its own,
+    # and a value the validation rejects is rejected even after an equal accepted one was cached.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    one_hit = bandadv.group_advantages(rewards, 4, accidental_max_successes=1)
+    assert one_hit.group_mask.tolist() == [False, True]
+    assert bandadv.group_advantages(rewards, 4, accidental_max_successes=2).group_mask.tolist() == [False, False]
+    assert bandadv.group_advantages(rewards, 4, accidental_max_successes=1).group_mask.tolist() == [False, True]
+    with pytest.raises(ValueError, match="accidental_max_successes must be an int"):
+        bandadv.group_advantages(rewards, 4, accidental_max_successes=True)
+    assert bandadv.group_advantages(rewards, 4, band=[0.3, 0.6]).group_mask.tolist() == [False, True]  # a list
+
+
 def test_backend_cpu_refuses_what_it_cannot_run():
     if "CPU" not in bandadv.ops.COMPILED:
         with pytest.raises(RuntimeError, match="without its CPU kernel"):
