@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "group_math.h"
@@ -26,15 +27,21 @@ namespace {
 // two-pass (mean, then centred squares) and the chunks Chan-merged: the same shape of
 // computation the GPU kernels use, so the merge is exercised on the CPU too.
 constexpr int64_t kChunk = 1024;
+// Groups of at most kChunk samples are handled in tiles of up to kTile groups and kStage staged
+// samples: moments of every group of the tile, then the per-group math of all of them (so that
+// the divisions and square roots of different groups overlap), then their advantages.
+constexpr int64_t kTile = 64;
+constexpr int64_t kStage = 4096;
+static_assert(kChunk <= kStage);
 // Samples per parallel task, at least. Each group's results depend on that group alone, so
 // how the groups are split among threads never changes a result.
 constexpr int64_t kGrainSamples = 2048;
 
-// Explicit SIMD through the GCC/Clang vector extensions: 32-byte vectors, which the compiler
-// maps onto whatever vector registers the target has (two SSE registers on the x86-64
-// baseline). Written out because the compiler will not if-convert the NaN tests and masked
-// min/max on its own, which left the sweeps scalar and branchy. Sums are kept per lane and
-// added lane by lane at the end: a fixed order, so results are reproducible.
+// Explicit SIMD through the GCC/Clang vector extensions, in 16-byte vectors (SSE2 on the x86-64
+// baseline the wheel targets; wider vectors were lowered piecewise there and ran slower).
+// Written out because the compiler would not if-convert the NaN tests on its own, which left
+// the sweeps scalar and branchy. Sums are kept per lane and the lanes added in a fixed order
+// at the end, so results are reproducible.
 template <typename acc_t>
 struct Simd {
   static constexpr int kWidth = 16 / sizeof(acc_t);
@@ -71,13 +78,23 @@ struct Simd {
   }
 };
 
+// Staging buffers of one parallel task: a tile of short groups, packed and each padded to whole
+// vectors, or one chunk of a long group.
 template <typename acc_t>
-struct Chunk {
-  int64_t size = 0;  // samples in the chunk; the buffers are padded to whole vectors
-  alignas(64) acc_t reward[kChunk];   // staged rewards (NaN where the valid flag is off), then 0 where invalid
-  alignas(64) acc_t success[kChunk];  // staged success values, when given
-  alignas(64) acc_t ok[kChunk];       // 1 or 0
+struct Stage {
+  alignas(64) acc_t reward[kStage];   // staged rewards (NaN where unflagged), then 0 where invalid
+  alignas(64) acc_t success[kStage];  // staged success values, when given
+  alignas(64) acc_t ok[kStage];       // 1 or 0
 };
+
+// This thread's stage, allocated on first use and kept: a call on a small batch then pays no
+// allocation. Kernels never nest, so one stage per thread and type suffices.
+template <typename acc_t>
+Stage<acc_t>& thread_stage() {
+  thread_local std::unique_ptr<Stage<acc_t>> stage;
+  if (!stage) stage.reset(new Stage<acc_t>);  // left uninitialised: every read follows a write
+  return *stage;
+}
 
 // Count, sums and range of one chunk's valid samples, from its load.
 template <typename acc_t>
@@ -91,7 +108,7 @@ struct CpuGroupKernel {
   using V = typename S::V;
   using M = typename S::M;
   static constexpr int kW = S::kWidth;
-  static_assert(kChunk % kW == 0);
+  static_assert(kChunk % kW == 0 && kStage % kW == 0);
 
   const scalar_t* rewards;
   const acc_t* success;
@@ -134,36 +151,41 @@ struct CpuGroupKernel {
   int64_t begin(int64_t g) const { return offsets ? offsets[g] : g * group_size; }
   int64_t end(int64_t g) const { return offsets ? offsets[g + 1] : (g + 1) * group_size; }
 
-  // Reads samples [lo, hi) into c and sums them in the same sweep. A sample is valid under
+  static int64_t padded_size(int64_t size) { return (size + kW - 1) / kW * kW; }
+
+  // Reads samples [lo, hi) (at most kChunk) into the staging buffers at `at` and sums them in
+  // the same sweep. A sample is valid under
   // sample_is_valid (group_math.h): flag set, reward and success finite.
   // The range (lo, hi) is only ever used for the exact all-equal test, so it is kept in a
   // cheaper form than a running min/max: (v, v) when every valid sample equals v, and
   // (-inf, +inf) otherwise. merge_moments and the test lo == hi treat it exactly as a range.
-  C10_ALWAYS_INLINE ChunkSums<acc_t> load(int64_t lo, int64_t hi, Chunk<acc_t>& c) const {
+  C10_ALWAYS_INLINE ChunkSums<acc_t> load(int64_t lo, int64_t hi, Stage<acc_t>& st, int64_t at) const {
     constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-    const int64_t size = hi - lo, padded = (size + kW - 1) / kW * kW;
-    c.size = size;
+    const int64_t size = hi - lo, padded = padded_size(size);
+    acc_t* reward_out = st.reward + at;
+    acc_t* ok_out = st.ok + at;
+    acc_t* success_in = st.success + at;
     // Stage in acc_t; an unset valid flag reads as a NaN reward, and the padding is invalid.
     // Rewards already in acc_t, in whole vectors and with no flags, are read where they lie.
-    const acc_t* staged = c.reward;
+    const acc_t* staged = reward_out;
     if (std::is_same_v<scalar_t, acc_t> && !kHasValid && size == padded) {
       staged = reinterpret_cast<const acc_t*>(rewards + lo);
     } else {
       for (int64_t j = 0; j < size; ++j) {
         const acc_t r = static_cast<acc_t>(rewards[lo + j]);
-        c.reward[j] = kHasValid ? (valid[lo + j] ? r : nan) : r;
+        reward_out[j] = kHasValid ? (valid[lo + j] ? r : nan) : r;
       }
-      for (int64_t j = size; j < padded; ++j) c.reward[j] = nan;
+      for (int64_t j = size; j < padded; ++j) reward_out[j] = nan;
     }
     if constexpr (kHasSuccess) {
-      for (int64_t j = 0; j < size; ++j) c.success[j] = success[lo + j];
-      for (int64_t j = size; j < padded; ++j) c.success[j] = acc_t(0);
+      for (int64_t j = 0; j < size; ++j) success_in[j] = success[lo + j];
+      for (int64_t j = size; j < padded; ++j) success_in[j] = acc_t(0);
     }
     // The first valid reward, which every other valid reward is compared with.
     acc_t first = 0;
     for (int64_t j = 0; j < size; ++j) {
-      if (sample_is_valid(staged[j], true, kHasSuccess ? c.success[j] : acc_t(0))) {
+      if (sample_is_valid(staged[j], true, kHasSuccess ? success_in[j] : acc_t(0))) {
         first = staged[j];
         break;
       }
@@ -176,14 +198,14 @@ struct CpuGroupKernel {
       M ok = (r - r) == V{};  // finite, as is_finite in group_math.h
       V s;
       if constexpr (kHasSuccess) {
-        s = S::load(c.success + j);
+        s = S::load(success_in + j);
         ok &= (s - s) == V{};
       } else {
         s = S::keep(r > half, one);  // default_success
       }
       const V rv = S::keep(ok, r), w = S::keep(ok, one);
-      S::store(c.reward + j, rv);
-      S::store(c.ok + j, w);
+      S::store(reward_out + j, rv);
+      S::store(ok_out + j, w);
       n += w;
       sum += rv;
       k += S::keep(ok, s);
@@ -195,7 +217,8 @@ struct CpuGroupKernel {
   }
 
   // Moments of a loaded chunk: a second sweep of centred sums about the first sweep's mean.
-  C10_ALWAYS_INLINE Moments<acc_t> chunk_moments(const Chunk<acc_t>& c, const ChunkSums<acc_t>& s) const {
+  C10_ALWAYS_INLINE Moments<acc_t> chunk_moments(const Stage<acc_t>& st, int64_t at, int64_t size,
+                                                 const ChunkSums<acc_t>& s) const {
     Moments<acc_t> m;
     m.n = static_cast<int64_t>(s.n);
     if (m.n == 0) return m;
@@ -205,8 +228,10 @@ struct CpuGroupKernel {
     const acc_t shift = s.sum / s.n;
     const V vshift = S::splat(shift);
     V d = {}, d2 = {};
-    for (int64_t j = 0; j < c.size; j += kW) {
-      const V x = (S::load(c.reward + j) - vshift) * S::load(c.ok + j);
+    const acc_t* reward = st.reward + at;
+    const acc_t* ok = st.ok + at;
+    for (int64_t j = 0; j < size; j += kW) {
+      const V x = (S::load(reward + j) - vshift) * S::load(ok + j);
       d += x;
       d2 += x * x;
     }
@@ -214,34 +239,34 @@ struct CpuGroupKernel {
     return m;
   }
 
-  // Advantages and mask of one loaded chunk of a kept group, written to [lo, lo + c.size).
-  // The vector body computes sample_advantage (group_math.h) in the same operation order.
-  C10_ALWAYS_INLINE void write_chunk(int64_t lo, const Chunk<acc_t>& c, const GroupResult<acc_t>& res) const {
+  // Advantages and mask of samples [lo, lo + size) of a kept group, staged at `at`. The vector
+  // body computes sample_advantage (group_math.h) in the same operation order.
+  C10_ALWAYS_INLINE void write_chunk(int64_t lo, int64_t size, const Stage<acc_t>& st, int64_t at,
+                                     const GroupResult<acc_t>& res) const {
+    const acc_t* reward = st.reward + at;
+    const acc_t* okv = st.ok + at;
     acc_t* adv = advantages + lo;
     bool* mask = sample_mask + lo;
     const bool live = res.factor != acc_t(0) && res.denom != acc_t(0);
     const V center = S::splat(res.center), factor = S::splat(res.factor);
     const V denom = S::splat(live ? res.denom : acc_t(1)), clip = S::splat(res.clip_value);
     const M alive = S::splat(live ? acc_t(1) : acc_t(0)) > V{};
-    const int64_t size = c.size;
     int64_t j = 0;
     for (; j + kW <= size; j += kW) {
-      const M ok = S::load(c.ok + j) > V{};
-      V a = (S::load(c.reward + j) - center) * factor / denom;
+      const M ok = S::load(okv + j) > V{};
+      V a = (S::load(reward + j) - center) * factor / denom;
       if (res.clip) a = S::select(a > clip, clip, a);
       S::store(adv + j, S::keep(ok & alive, a));
       S::store_mask(mask + j, ok);
     }
     for (; j < size; ++j) {
-      const bool ok = c.ok[j] > acc_t(0);
-      adv[j] = ok ? sample_advantage(c.reward[j], res) : acc_t(0);
+      const bool ok = okv[j] > acc_t(0);
+      adv[j] = ok ? sample_advantage(reward[j], res) : acc_t(0);
       mask[j] = ok;
     }
   }
 
-  // Writes group g's statistics, advantages and mask; returns its number of kept samples.
-  // The first chunk is still in `first` from the moments pass.
-  int64_t finish(int64_t g, const Moments<acc_t>& m, acc_t batch_std, Chunk<acc_t>& first) const {
+  GroupResult<acc_t> finish_stats(int64_t g, const Moments<acc_t>& m, acc_t batch_std) const {
     const GroupResult<acc_t> res = finish_group(m, prior != nullptr, prior ? prior[g] : acc_t(0), batch_std, options);
     reason[g] = res.reason;
     group_mask[g] = res.kept;
@@ -252,29 +277,79 @@ struct CpuGroupKernel {
     pass_rate[g] = res.pass_rate;
     success_var[g] = res.success_var;
     reward_var[g] = res.reward_var;
+    return res;
+  }
+
+  // Zero advantages and a false mask for the samples of an unkept group.
+  void write_unkept(int64_t g) const {
+    std::fill(advantages + begin(g), advantages + end(g), acc_t(0));
+    std::fill(sample_mask + begin(g), sample_mask + end(g), false);
+  }
+
+  // Moments of group g, read chunk by chunk through the stage.
+  Moments<acc_t> group_moments(int64_t g, Stage<acc_t>& st) const {
     const int64_t b = begin(g), e = end(g);
+    Moments<acc_t> m;
+    for (int64_t lo = b; lo < e; lo += kChunk) {
+      const int64_t hi = std::min(lo + kChunk, e);
+      m = merge_moments(m, chunk_moments(st, 0, hi - lo, load(lo, hi, st, 0)));
+    }
+    return m;
+  }
+
+  // A group of more than kChunk samples, on its own; returns its number of kept samples.
+  int64_t long_group(int64_t g, const Moments<acc_t>* pre, acc_t batch_std, Stage<acc_t>& st) const {
+    const GroupResult<acc_t> res = finish_stats(g, pre ? pre[g] : group_moments(g, st), batch_std);
     if (!res.kept) {
-      std::fill(advantages + b, advantages + e, acc_t(0));
-      std::fill(sample_mask + b, sample_mask + e, false);
+      write_unkept(g);
       return 0;
     }
-    for (int64_t lo = b; lo < e; lo += kChunk) {
-      if (lo != b) load(lo, std::min(lo + kChunk, e), first);
-      write_chunk(lo, first, res);
+    for (int64_t lo = begin(g), e = end(g); lo < e; lo += kChunk) {
+      const int64_t hi = std::min(lo + kChunk, e);
+      load(lo, hi, st, 0);
+      write_chunk(lo, hi - lo, st, 0, res);
     }
     return res.count;
   }
 
-  // Moments of group g; leaves its first chunk in `first`.
-  Moments<acc_t> group_moments(int64_t g, Chunk<acc_t>& first) const {
-    const int64_t b = begin(g), e = end(g);
-    Moments<acc_t> m = chunk_moments(first, load(b, std::min(b + kChunk, e), first));
-    if (e - b > kChunk) {
-      Chunk<acc_t> rest;
-      for (int64_t lo = b + kChunk; lo < e; lo += kChunk)
-        m = merge_moments(m, chunk_moments(rest, load(lo, std::min(lo + kChunk, e), rest)));
+  // Groups [lo, hi): statistics, advantages, masks and kept counts. With `pre`, the groups'
+  // moments are given (scale="batch", whose first pass made them) and not recomputed.
+  void run_groups(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, int64_t* kept) const {
+    Stage<acc_t>& st = thread_stage<acc_t>();
+    Moments<acc_t> m[kTile];
+    GroupResult<acc_t> res[kTile];
+    int64_t at[kTile];
+    int64_t g = lo;
+    while (g < hi) {
+      if (end(g) - begin(g) > kChunk) {
+        kept[g] = long_group(g, pre, batch_std, st);
+        ++g;
+        continue;
+      }
+      // A tile of consecutive short groups: stage and reduce each ...
+      const int64_t first = g;
+      int64_t t = 0, used = 0;
+      for (; g < hi && t < kTile; ++g, ++t) {
+        const int64_t b = begin(g), size = end(g) - b;
+        if (size > kChunk || used + padded_size(size) > kStage) break;
+        at[t] = used;
+        const ChunkSums<acc_t> sums = load(b, b + size, st, used);
+        m[t] = pre ? pre[g] : chunk_moments(st, used, size, sums);
+        used += padded_size(size);
+      }
+      // ... then the per-group math of the whole tile, then its advantages.
+      for (int64_t i = 0; i < t; ++i) res[i] = finish_stats(first + i, m[i], batch_std);
+      for (int64_t i = 0; i < t; ++i) {
+        const int64_t gi = first + i;
+        if (res[i].kept) {
+          write_chunk(begin(gi), end(gi) - begin(gi), st, at[i], res[i]);
+          kept[gi] = res[i].count;
+        } else {
+          write_unkept(gi);
+          kept[gi] = 0;
+        }
+      }
     }
-    return m;
   }
 
   void run(Outputs& out, bool return_index) const {
@@ -283,23 +358,18 @@ struct CpuGroupKernel {
     if (options.scale == Scale::kBatch) {
       std::vector<Moments<acc_t>> moments(num_groups);
       at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        Chunk<acc_t> chunk;
-        for (int64_t g = lo; g < hi; ++g) moments[g] = group_moments(g, chunk);
+        Stage<acc_t>& st = thread_stage<acc_t>();
+        for (int64_t g = lo; g < hi; ++g) moments[g] = group_moments(g, st);
       });
       Moments<acc_t> batch;  // merged in group order: deterministic
       for (const auto& m : moments) batch = merge_moments(batch, m);
       const acc_t batch_std = std::sqrt(variance_of(batch, options.unbiased));
       at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        Chunk<acc_t> chunk;
-        for (int64_t g = lo; g < hi; ++g) {
-          load(begin(g), std::min(begin(g) + kChunk, end(g)), chunk);
-          kept[g] = finish(g, moments[g], batch_std, chunk);
-        }
+        run_groups(lo, hi, moments.data(), batch_std, kept.data());
       });
     } else {
       at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        Chunk<acc_t> chunk;
-        for (int64_t g = lo; g < hi; ++g) kept[g] = finish(g, group_moments(g, chunk), acc_t(0), chunk);
+        run_groups(lo, hi, nullptr, acc_t(0), kept.data());
       });
     }
     // Exclusive scan of kept counts gives each group its slot in kept_index.

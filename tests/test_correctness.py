@@ -77,6 +77,19 @@ def test_group_of_4096_with_large_offset_keeps_advantages_accurate(backend):
     torch.testing.assert_close(out.stats.std.double(), ref.stats.std, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_short_and_long_groups_interleaved(backend, scale):
+    # The CPU kernel stages short groups in tiles (64 groups, 4096 samples) and runs groups
+    # over 1024 samples alone: cross every boundary, with empty and lone groups in between.
+    sizes = [3] * 70 + [1500] + [1000] * 5 + [0, 1] * 40 + [1024, 1025, 7] + [16] * 130 + [4096]
+    gen = torch.Generator().manual_seed(5)
+    rewards = random_rewards(sum(sizes), "ternary", gen)
+    rewards[torch.rand(rewards.shape, generator=gen) < 0.03] = float("nan")
+    config = AdvantageConfig(scale=scale, band=(0.05, 0.95))
+    out, ref = run_both(rewards, backend=backend, config=config, offsets=make_offsets(sizes))
+    assert_matches_reference(out, ref)
+
+
 def _config_strategy():
     return st.builds(
         AdvantageConfig,
