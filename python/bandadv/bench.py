@@ -86,27 +86,40 @@ def providers(device: str, case: Case, compile_reference: bool = False) -> dict[
     full = "advantages + masks + stats"
     only_adv = "advantages only"
 
-    def bandadv_fn(backend: str) -> Callable:
+    def bandadv_fn(backend: str, estimator: str = "grpo") -> Callable:
         def run(x):
             layout = {"offsets": x["offsets"]} if x["ragged"] else {"group_size": x["group_size"]}
-            return group_advantages(x["rewards"], backend=backend, validate=False, **layout, **BAND_OPTIONS)
+            return group_advantages(
+                x["rewards"], backend=backend, validate=False, estimator=estimator, **layout, **BAND_OPTIONS
+            )
 
         return run
 
     out: dict[str, tuple[str, Callable]] = {}
+    backends = []
     if device == "cpu" and "CPU" in ops.COMPILED:
-        out["bandadv-cpu"] = (full, bandadv_fn("cpu"))
+        backends.append("cpu")
     if device == "cuda" and "CUDA" in ops.COMPILED:
-        out["bandadv-cuda"] = (full, bandadv_fn("cuda"))
+        backends.append("cuda")
     if device == "cuda" and ops.triton_available():
-        out["bandadv-triton"] = (full, bandadv_fn("triton"))
+        backends.append("triton")
+    for backend in backends:
+        out[f"bandadv-{backend}"] = (full, bandadv_fn(backend))
     samples = case.prompts * case.group_size
+    small = samples <= 16384 and device == "cpu"  # the Python loops only where they finish
     if not case.ragged:
         out["trl-eager"] = (only_adv, lambda x: baselines.trl_grpo(x["rewards"], x["group_size"]))
         out["openrlhf"] = (only_adv, lambda x: baselines.openrlhf(x["rewards"], x["group_size"]))
     out["verl-vectorized"] = (only_adv, lambda x: baselines.verl_grpo_vectorized(x["rewards"], x["index"]))
-    if samples <= 16384 and device == "cpu":
+    if small:
         out["verl-loop"] = (only_adv, lambda x: baselines.verl_grpo_loop(x["rewards"], x["index_list"]))
+    # RLOO: bandadv's rloo estimator against the trainers' leave-one-out code.
+    for backend in backends[:1]:
+        out[f"bandadv-{backend} rloo"] = (full, bandadv_fn(backend, "rloo"))
+    if not case.ragged:
+        out["openrlhf rloo"] = (only_adv, lambda x: baselines.openrlhf(x["rewards"], x["group_size"], "rloo"))
+    if small:
+        out["verl-loop rloo"] = (only_adv, lambda x: baselines.verl_rloo_loop(x["rewards"], x["index_list"]))
     out["copy"] = ("copy of the rewards (bandwidth ceiling)", lambda x: x["rewards"].clone())
     # Last: compiling changes the allocator's state (large blocks then come back without page
     # faults), which would flatter whatever is timed after it.
@@ -250,7 +263,9 @@ def environment(device: str) -> dict:
     }
 
 
-def format_table(rows: list[Row], baseline_names: tuple[str, ...] = ("trl-eager", "verl-vectorized", "copy")) -> str:
+def format_table(
+    rows: list[Row], baseline_names: tuple[str, ...] = ("trl-eager", "verl-vectorized", "openrlhf rloo", "copy")
+) -> str:
     lines = [
         f"{'case':<16} {'provider':<26} {'median ms':>10} {'q20-q80 ms':>17} {'GB/s':>7}  vs "
         + ", ".join(baseline_names)
