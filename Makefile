@@ -13,7 +13,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/* csrc/cuda/*)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
