@@ -8,13 +8,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__SSE2__)
+#if defined(__SSE2__) && defined(__x86_64__)
 #include <emmintrin.h>
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "group_math.h"
@@ -37,17 +40,18 @@ static_assert(kChunk <= kStage);
 // how the groups are split among threads never changes a result.
 constexpr int64_t kGrainSamples = 2048;
 
-// Explicit SIMD through the GCC/Clang vector extensions, in 16-byte vectors (SSE2 on the x86-64
-// baseline the wheel targets; wider vectors were lowered piecewise there and ran slower).
+// Explicit SIMD through the GCC/Clang vector extensions, kBytes wide: 16 (SSE2, the x86-64
+// baseline the wheel targets) or, on CPUs that have it, 32 (AVX2; see kernel_range_avx2).
 // Written out because the compiler would not if-convert the NaN tests on its own, which left
 // the sweeps scalar and branchy. Sums are kept per lane and the lanes added in a fixed order
-// at the end, so results are reproducible.
-template <typename acc_t>
+// at the end, so results are reproducible on a machine (the lane count, and so the last bits
+// of a sum, can differ between CPUs with and without AVX2).
+template <typename acc_t, int kBytes>
 struct Simd {
-  static constexpr int kWidth = 16 / sizeof(acc_t);
+  static constexpr int kWidth = kBytes / sizeof(acc_t);
   using lane_int = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
-  typedef acc_t V __attribute__((vector_size(16)));
-  typedef lane_int M __attribute__((vector_size(16)));  // lanes of all ones (true) or zeros
+  typedef acc_t V __attribute__((vector_size(kBytes)));
+  typedef lane_int M __attribute__((vector_size(kBytes)));  // lanes of all ones (true) or zeros
 
   static C10_ALWAYS_INLINE V load(const acc_t* p) {
     V v;
@@ -56,15 +60,24 @@ struct Simd {
   }
   static C10_ALWAYS_INLINE void store(acc_t* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   static C10_ALWAYS_INLINE V splat(acc_t x) { return V{} + x; }
-  // Writes the lanes of m as bools (bytes of 0 or 1); packed with SSE2 for float lanes, where
-  // the compiler would otherwise move the lanes out one by one.
+  // Writes the lanes of m as bools (bytes of 0 or 1); float lanes are packed with SSE2, where
+  // the compiler would otherwise move them out one by one.
   static C10_ALWAYS_INLINE void store_mask(bool* p, M m) {
-#if defined(__SSE2__)
-    if constexpr (kWidth == 4) {
-      const __m128i words = _mm_packs_epi32((__m128i)m, (__m128i)m);
-      const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(words, words)) & 0x01010101;
-      __builtin_memcpy(p, &bytes, sizeof bytes);
-      return;
+#if defined(__SSE2__) && defined(__x86_64__)
+    if constexpr (sizeof(acc_t) == 4) {
+      __m128i half[kBytes / 16];
+      __builtin_memcpy(half, &m, sizeof m);
+      if constexpr (kBytes == 16) {
+        const __m128i words = _mm_packs_epi32(half[0], half[0]);
+        const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(words, words)) & 0x01010101;
+        __builtin_memcpy(p, &bytes, sizeof bytes);
+        return;
+      } else if constexpr (kBytes == 32) {
+        const __m128i words = _mm_packs_epi32(half[0], half[1]);
+        const int64_t bytes = _mm_cvtsi128_si64(_mm_packs_epi16(words, words)) & 0x0101010101010101LL;
+        __builtin_memcpy(p, &bytes, sizeof bytes);
+        return;
+      }
     }
 #endif
     for (int i = 0; i < kWidth; ++i) p[i] = m[i] != 0;
@@ -102,9 +115,28 @@ struct ChunkSums {
   acc_t n, sum, successes, lo, hi;
 };
 
-template <typename scalar_t, typename acc_t, bool kHasSuccess, bool kHasValid>
+// One parallel task of a CpuGroupKernel K (its `range`), compiled for the baseline.
+template <typename K, typename acc_t>
+void kernel_range(const K& k, int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std,
+                  Moments<acc_t>* moments_out, int64_t* kept) {
+  k.range(lo, hi, pre, batch_std, moments_out, kept);
+}
+
+// The same task compiled for AVX2 (32-byte vectors), called only where the CPU has it. flatten
+// inlines the whole kernel here, so no AVX2 code exists outside this function: an out-of-line
+// copy of anything it calls is compiled for the baseline.
+template <typename K, typename acc_t>
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"), flatten))
+#endif
+void kernel_range_avx2(const K& k, int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std,
+                       Moments<acc_t>* moments_out, int64_t* kept) {
+  k.range(lo, hi, pre, batch_std, moments_out, kept);
+}
+
+template <typename scalar_t, typename acc_t, bool kHasSuccess, bool kHasValid, int kBytes>
 struct CpuGroupKernel {
-  using S = Simd<acc_t>;
+  using S = Simd<acc_t, kBytes>;
   using V = typename S::V;
   using M = typename S::M;
   static constexpr int kW = S::kWidth;
@@ -352,25 +384,41 @@ struct CpuGroupKernel {
     }
   }
 
+  // One parallel task: the moments of groups [lo, hi) into moments_out (the first pass of
+  // scale="batch"), or their results (run_groups).
+  void range(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
+             int64_t* kept) const {
+    if (moments_out) {
+      Stage<acc_t>& st = thread_stage<acc_t>();
+      for (int64_t g = lo; g < hi; ++g) moments_out[g] = group_moments(g, st);
+    } else {
+      run_groups(lo, hi, pre, batch_std, kept);
+    }
+  }
+
+  void parallel_range(int64_t grain, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
+                      int64_t* kept) const {
+    at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
+      if constexpr (kBytes == 32) {
+        kernel_range_avx2(*this, lo, hi, pre, batch_std, moments_out, kept);
+      } else {
+        kernel_range(*this, lo, hi, pre, batch_std, moments_out, kept);
+      }
+    });
+  }
+
   void run(Outputs& out, bool return_index) const {
     const int64_t grain = std::max<int64_t>(1, kGrainSamples * num_groups / std::max<int64_t>(1, num_samples));
     std::vector<int64_t> kept(num_groups);
     if (options.scale == Scale::kBatch) {
       std::vector<Moments<acc_t>> moments(num_groups);
-      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        Stage<acc_t>& st = thread_stage<acc_t>();
-        for (int64_t g = lo; g < hi; ++g) moments[g] = group_moments(g, st);
-      });
+      parallel_range(grain, nullptr, acc_t(0), moments.data(), nullptr);
       Moments<acc_t> batch;  // merged in group order: deterministic
       for (const auto& m : moments) batch = merge_moments(batch, m);
       const acc_t batch_std = std::sqrt(variance_of(batch, options.unbiased));
-      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        run_groups(lo, hi, moments.data(), batch_std, kept.data());
-      });
+      parallel_range(grain, moments.data(), batch_std, nullptr, kept.data());
     } else {
-      at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
-        run_groups(lo, hi, nullptr, acc_t(0), kept.data());
-      });
+      parallel_range(grain, nullptr, acc_t(0), nullptr, kept.data());
     }
     // Exclusive scan of kept counts gives each group its slot in kept_index.
     int64_t total = 0;
@@ -394,6 +442,22 @@ struct CpuGroupKernel {
   }
 };
 
+// 32-byte vectors where the CPU has AVX2 and FMA, unless BANDADV_CPU_SIMD=baseline (which tests
+// use to run the baseline kernel on such CPUs).
+bool use_avx2() {
+  static const bool use = [] {
+    const char* forced = std::getenv("BANDADV_CPU_SIMD");
+    if (forced && std::string_view(forced) == "baseline") return false;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return use;
+}
+
 void check_offsets_cpu(const Inputs& in) {
   if (!in.offsets.defined()) return;
   const int64_t* o = in.offsets.data_ptr<int64_t>();
@@ -413,10 +477,18 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const bool has_success = in.success.defined(), has_valid = in.valid.defined();
-      if (has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, true, true>(in, out).run(out, in.return_index);
-      if (has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, true, false>(in, out).run(out, in.return_index);
-      if (!has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, false, true>(in, out).run(out, in.return_index);
-      if (!has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, false, false>(in, out).run(out, in.return_index);
+      auto launch = [&](auto bytes) {
+        constexpr int kBytes = decltype(bytes)::value;
+        if (has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, true, true, kBytes>(in, out).run(out, in.return_index);
+        if (has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, true, false, kBytes>(in, out).run(out, in.return_index);
+        if (!has_success && has_valid) CpuGroupKernel<scalar_t, acc_t, false, true, kBytes>(in, out).run(out, in.return_index);
+        if (!has_success && !has_valid) CpuGroupKernel<scalar_t, acc_t, false, false, kBytes>(in, out).run(out, in.return_index);
+      };
+      if (use_avx2()) {
+        launch(std::integral_constant<int, 32>{});
+      } else {
+        launch(std::integral_constant<int, 16>{});
+      }
     });
   }
 };

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +26,45 @@ def test_cuda_kernel_registered_when_built():
         pytest.skip("BANDADV_REQUIRE_CUDA is not set")
     assert "CUDA" in bandadv.ops.COMPILED, bandadv.ops.EXTENSION_ERROR
     assert torch._C._dispatch_has_kernel_for_dispatch_key("bandadv::group_advantages", "CUDA")
+
+
+def _extension_path() -> str | None:
+    paths = glob.glob(str(Path(bandadv.__file__).parent / "_C*.so"))
+    return paths[0] if paths else None
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or _extension_path() is None, reason="objdump or the .so missing")
+def test_avx_instructions_only_in_the_dispatched_kernel():
+    # The CPU kernel is also compiled for AVX2 and called only where the CPU has it; an AVX
+    # instruction anywhere else in the library would crash a baseline x86-64 CPU.
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", _extension_path()], check=True, capture_output=True, text=True
+    ).stdout
+    function, outside, inside = "", set(), 0
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "\t" in line and line.split("\t")[1].split(" ")[0].startswith("v"):  # VEX-encoded: AVX and later
+            if "kernel_range_avx2" in function:
+                inside += 1
+            else:
+                outside.add(function)
+    if sysconfig.get_platform().endswith("x86_64"):
+        assert inside > 0, "no AVX2 kernel was built"
+    assert not outside, sorted(outside)[:5]
+
+
+def test_baseline_simd_kernel_matches_the_reference():
+    # This CPU takes the AVX2 kernel; the SSE2 one, which CPUs without AVX2 take, is run here by
+    # forcing it, through the CPU tests that compare with the float64 reference.
+    env = {**os.environ, "BANDADV_CPU_SIMD": "baseline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_correctness.py",
+         "-k", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 @pytest.mark.slow
