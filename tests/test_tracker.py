@@ -218,3 +218,21 @@ def test_band_controller():
     assert c.metrics()["band_width"] == 1.0
     with pytest.raises(ValueError):
         BandController(band=(0.8, 0.2))
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["cpu-rounds", "gpu-rounds"])
+@pytest.mark.parametrize("shape", [0.3, 1.0, 2.5, 40.0])
+def test_gamma_draws_have_the_gamma_mean_and_variance(shape, compact):
+    # Thompson sampling under the beta model rests on this sampler (a Beta draw is x / (x + y)).
+    from bandadv.tracker import _gamma
+
+    n = 100_000
+    gen = torch.Generator().manual_seed(int(shape * 10) + compact)
+    x = _gamma(torch.full((n,), shape, dtype=torch.float64), gen, compact=compact)
+    assert torch.isfinite(x).all() and (x > 0).all()
+    assert abs(float(x.mean()) - shape) < 5 * math.sqrt(shape / n)  # Gamma(k, 1): mean k, variance k
+    assert abs(float(x.var()) / shape - 1) < 0.05
+    again = _gamma(
+        torch.full((n,), shape, dtype=torch.float64), gen.manual_seed(int(shape * 10) + compact), compact=compact
+    )
+    assert torch.equal(x, again)

@@ -347,24 +347,45 @@ class PromptTracker:
             self.state[name].copy_(value)
 
 
-def _gamma(shape: torch.Tensor, generator: torch.Generator | None, rounds: int = 12) -> torch.Tensor:
+def _gamma(
+    shape: torch.Tensor, generator: torch.Generator | None, rounds: int = 12, compact: bool | None = None
+) -> torch.Tensor:
     """Gamma(shape, 1) draws from a generator (torch's own sampler takes none): Marsaglia and
-    Tsang (2000) with a fixed number of vectorised proposal rounds, no host sync; shape < 1 is
-    boosted by U**(1/shape). The chance that a draw is still unaccepted after 12 rounds is below
-    1e-15; it then takes the mean."""
+    Tsang (2000) proposal rounds, shape < 1 boosted by U**(1/shape). The chance that a draw is
+    still unaccepted after 12 rounds is below 1e-15; it then takes the mean. On the GPU every
+    round runs over all draws (no host sync); on the CPU, where reading a mask costs nothing, a
+    round runs over the draws still unaccepted only (one in twenty after the first). `compact`
+    overrides that choice (tests run both ways on the CPU)."""
     boost = shape < 1
     a = torch.where(boost, shape + 1, shape)
     d = a - 1.0 / 3.0
     c = 1.0 / torch.sqrt(9.0 * d)
     out = d.clone()  # the mode-ish fallback
-    done = torch.zeros_like(shape, dtype=torch.bool)
-    for _ in range(rounds):
-        x = torch.randn(shape.shape, generator=generator, dtype=f64, device=shape.device)
-        u = torch.rand(shape.shape, generator=generator, dtype=f64, device=shape.device)
-        v = (1 + c * x) ** 3
-        ok = (v > 0) & (torch.log(u.clamp(min=1e-300)) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp(min=1e-300)))
-        take = ok & ~done
-        out = torch.where(take, d * v, out)
-        done |= ok
+    if compact is None:
+        compact = shape.device.type == "cpu"
+    if compact:
+        todo = torch.arange(shape.numel(), device=shape.device).reshape(shape.shape)
+        for _ in range(rounds):
+            if todo.numel() == 0:
+                break
+            accepted, value = _gamma_proposal(d[todo], c[todo], generator)
+            out[todo[accepted]] = value[accepted]
+            todo = todo[~accepted]
+    else:
+        done = torch.zeros_like(shape, dtype=torch.bool)
+        for _ in range(rounds):
+            accepted, value = _gamma_proposal(d, c, generator)
+            out = torch.where(accepted & ~done, value, out)
+            done |= accepted
     u = torch.rand(shape.shape, generator=generator, dtype=f64, device=shape.device)
     return torch.where(boost, out * u.clamp(min=1e-300) ** (1.0 / shape), out)
+
+
+def _gamma_proposal(d: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None):
+    """One Marsaglia-Tsang round for each (d, c): whether it is accepted, and its value d * v."""
+    x = torch.randn(d.shape, generator=generator, dtype=f64, device=d.device)
+    u = torch.rand(d.shape, generator=generator, dtype=f64, device=d.device)
+    v = (1 + c * x) ** 3
+    log_v = torch.log(v.clamp(min=1e-300))
+    accepted = (v > 0) & (torch.log(u.clamp(min=1e-300)) < 0.5 * x * x + d - d * v + d * log_v)
+    return accepted, d * v
