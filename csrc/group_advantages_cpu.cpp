@@ -1,7 +1,7 @@
-// CPU kernel of bandadv::group_advantages: parallel over groups, each group's
-// rewards read from cache while its moments, reason and advantages are made.
-// The schema lives in python/bandadv/ops.py; this file registers the CPU
-// implementation and the Python module stub that loads it.
+// CPU kernel of bandadv::group_advantages: parallel over groups, which are staged in tiles
+// and swept with explicit SIMD (SSE2, or AVX2 where the CPU has it) while their moments,
+// reasons and advantages are made. The schema lives in python/bandadv/ops.py; this file
+// registers the CPU implementation and the Python module stub that loads it.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
