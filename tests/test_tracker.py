@@ -236,3 +236,5 @@ def test_gamma_draws_have_the_gamma_mean_and_variance(shape, compact):
         torch.full((n,), shape, dtype=torch.float64), gen.manual_seed(int(shape * 10) + compact), compact=compact
     )
     assert torch.equal(x, again)
+    grid = _gamma(torch.full((250, 400), shape, dtype=torch.float64), gen, compact=compact)  # any shape
+    assert grid.shape == (250, 400) and abs(float(grid.mean()) - shape) < 5 * math.sqrt(shape / n)

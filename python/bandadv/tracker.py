@@ -364,12 +364,13 @@ def _gamma(
     if compact is None:
         compact = shape.device.type == "cpu"
     if compact:
-        todo = torch.arange(shape.numel(), device=shape.device).reshape(shape.shape)
+        flat_d, flat_c, flat_out = d.reshape(-1), c.reshape(-1), out.view(-1)  # flat_out writes into out
+        todo = torch.arange(flat_d.numel(), device=shape.device)
         for _ in range(rounds):
             if todo.numel() == 0:
                 break
-            accepted, value = _gamma_proposal(d[todo], c[todo], generator)
-            out[todo[accepted]] = value[accepted]
+            accepted, value = _gamma_proposal(flat_d[todo], flat_c[todo], generator)
+            flat_out[todo[accepted]] = value[accepted]
             todo = todo[~accepted]
     else:
         done = torch.zeros_like(shape, dtype=torch.bool)
