@@ -437,7 +437,7 @@ struct CpuGroupKernel {
       kept[g] = total;
       total += k;
     }
-    out.num_kept.fill_(total);
+    *out.num_kept.data_ptr<int64_t>() = total;
     if (!return_index) return;
     int64_t* index = out.kept_index.data_ptr<int64_t>();
     at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {

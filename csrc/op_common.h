@@ -3,6 +3,7 @@
 // torch/extension.h so that .cu files including it compile quickly.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -186,24 +187,31 @@ inline Inputs prepare_inputs(const Tensor& rewards_in, int64_t group_size, const
   return in;
 }
 
+// A fresh tensor; CPU ones straight from the CPU allocator, which skips a dispatcher round trip
+// for each of the 13 outputs (a noticeable share of a small call).
+inline Tensor empty_on(c10::IntArrayRef size, const c10::TensorOptions& options) {
+  if (options.device().is_cpu()) return at::detail::empty_cpu(size, options);
+  return at::empty(size, options);
+}
+
 inline Outputs allocate_outputs(const Inputs& in) {
   const auto dev = in.rewards.options();
   const auto acc = dev.dtype(in.acc_dtype);
   const int64_t n = in.num_samples, g = in.num_groups;
   Outputs out;
-  out.advantages = at::empty({n}, acc);
-  out.sample_mask = at::empty({n}, dev.dtype(at::kBool));
-  out.reason = at::empty({g}, dev.dtype(at::kInt));
-  out.group_mask = at::empty({g}, dev.dtype(at::kBool));
-  out.count = at::empty({g}, dev.dtype(at::kInt));
-  out.successes = at::empty({g}, acc);
-  out.mean = at::empty({g}, acc);
-  out.std = at::empty({g}, acc);
-  out.pass_rate = at::empty({g}, acc);
-  out.success_var = at::empty({g}, acc);
-  out.reward_var = at::empty({g}, acc);
-  out.num_kept = at::empty({}, dev.dtype(at::kLong));
-  out.kept_index = at::empty({in.return_index ? n : 0}, dev.dtype(at::kLong));
+  out.advantages = empty_on({n}, acc);
+  out.sample_mask = empty_on({n}, dev.dtype(at::kBool));
+  out.reason = empty_on({g}, dev.dtype(at::kInt));
+  out.group_mask = empty_on({g}, dev.dtype(at::kBool));
+  out.count = empty_on({g}, dev.dtype(at::kInt));
+  out.successes = empty_on({g}, acc);
+  out.mean = empty_on({g}, acc);
+  out.std = empty_on({g}, acc);
+  out.pass_rate = empty_on({g}, acc);
+  out.success_var = empty_on({g}, acc);
+  out.reward_var = empty_on({g}, acc);
+  out.num_kept = empty_on({}, dev.dtype(at::kLong));
+  out.kept_index = empty_on({in.return_index ? n : 0}, dev.dtype(at::kLong));
   return out;
 }
 
