@@ -125,14 +125,8 @@ struct ChunkSums {
   acc_t n, sum, successes, lo, hi;
 };
 
-// One parallel task of a CpuGroupKernel K (its `range`), compiled for the baseline.
-template <typename K, typename acc_t>
-void kernel_range(const K& k, int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std,
-                  Moments<acc_t>* moments_out, int64_t* kept) {
-  k.range(lo, hi, pre, batch_std, moments_out, kept);
-}
-
-// The same task compiled for AVX2 (32-byte vectors), called only where the CPU has it. flatten
+// One parallel task of a CpuGroupKernel K (its `range`) compiled for AVX2 (32-byte vectors),
+// called only where the CPU has it. flatten
 // inlines the whole kernel here, so no AVX2 code exists outside this function: an out-of-line
 // copy of anything it calls is compiled for the baseline.
 template <typename K, typename acc_t>
@@ -163,10 +157,7 @@ struct CpuGroupKernel {
   const Options& options;
   acc_t* advantages;
   bool* sample_mask;
-  int32_t* reason;
-  bool* group_mask;
-  int32_t* count;
-  acc_t *successes, *mean, *std, *pass_rate, *success_var, *reward_var;
+  GroupOutputs<acc_t> groups;
 
   CpuGroupKernel(const Inputs& in, Outputs& out)
       : rewards(in.rewards.data_ptr<scalar_t>()),
@@ -180,15 +171,7 @@ struct CpuGroupKernel {
         options(in.options),
         advantages(out.advantages.data_ptr<acc_t>()),
         sample_mask(out.sample_mask.data_ptr<bool>()),
-        reason(out.reason.data_ptr<int32_t>()),
-        group_mask(out.group_mask.data_ptr<bool>()),
-        count(out.count.data_ptr<int32_t>()),
-        successes(out.successes.data_ptr<acc_t>()),
-        mean(out.mean.data_ptr<acc_t>()),
-        std(out.std.data_ptr<acc_t>()),
-        pass_rate(out.pass_rate.data_ptr<acc_t>()),
-        success_var(out.success_var.data_ptr<acc_t>()),
-        reward_var(out.reward_var.data_ptr<acc_t>()) {}
+        groups(group_outputs<acc_t>(out)) {}
 
   int64_t begin(int64_t g) const { return offsets ? offsets[g] : g * group_size; }
   int64_t end(int64_t g) const { return offsets ? offsets[g + 1] : (g + 1) * group_size; }
@@ -310,15 +293,7 @@ struct CpuGroupKernel {
 
   GroupResult<acc_t> finish_stats(int64_t g, const Moments<acc_t>& m, acc_t batch_std) const {
     const GroupResult<acc_t> res = finish_group(m, prior != nullptr, prior ? prior[g] : acc_t(0), batch_std, options);
-    reason[g] = res.reason;
-    group_mask[g] = res.kept;
-    count[g] = static_cast<int32_t>(res.count);
-    successes[g] = res.successes;
-    mean[g] = res.mean;
-    std[g] = res.std;
-    pass_rate[g] = res.pass_rate;
-    success_var[g] = res.success_var;
-    reward_var[g] = res.reward_var;
+    groups.store(g, res);
     return res;
   }
 
@@ -412,7 +387,7 @@ struct CpuGroupKernel {
       if constexpr (kBytes == 32) {
         kernel_range_avx2(*this, lo, hi, pre, batch_std, moments_out, kept);
       } else {
-        kernel_range(*this, lo, hi, pre, batch_std, moments_out, kept);
+        range(lo, hi, pre, batch_std, moments_out, kept);
       }
     });
   }

@@ -218,6 +218,28 @@ BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t> m, bool has_prior, acc
   return g;
 }
 
+// Where a backend writes each group's statistics, reason and mask: one array per output,
+// indexed by group. Every kernel stores a finished group through store().
+template <typename acc_t>
+struct GroupOutputs {
+  int32_t* reason;
+  bool* group_mask;
+  int32_t* count;
+  acc_t *successes, *mean, *std, *pass_rate, *success_var, *reward_var;
+
+  BANDADV_HD void store(int64_t g, const GroupResult<acc_t>& r) const {
+    reason[g] = r.reason;
+    group_mask[g] = r.kept;
+    count[g] = static_cast<int32_t>(r.count);
+    successes[g] = r.successes;
+    mean[g] = r.mean;
+    std[g] = r.std;
+    pass_rate[g] = r.pass_rate;
+    success_var[g] = r.success_var;
+    reward_var[g] = r.reward_var;
+  }
+};
+
 template <typename acc_t>
 BANDADV_HD acc_t sample_advantage(acc_t reward, const GroupResult<acc_t>& g) {
   // A zero denominator only arises with eps == 0 on a zero-spread group, where every centred

@@ -215,6 +215,14 @@ inline Outputs allocate_outputs(const Inputs& in) {
   return out;
 }
 
+// The per-group outputs as the kernels write them (group_math.h).
+template <typename acc_t>
+GroupOutputs<acc_t> group_outputs(Outputs& out) {
+  return {out.reason.data_ptr<int32_t>(),    out.group_mask.data_ptr<bool>(),  out.count.data_ptr<int32_t>(),
+          out.successes.data_ptr<acc_t>(),   out.mean.data_ptr<acc_t>(),       out.std.data_ptr<acc_t>(),
+          out.pass_rate.data_ptr<acc_t>(),   out.success_var.data_ptr<acc_t>(), out.reward_var.data_ptr<acc_t>()};
+}
+
 // The op's entry point for one dispatch key: checks and converts the arguments once, allocates
 // the outputs, and hands both to Backend::run. Register as &group_advantages_entry<Backend>.
 template <typename Backend>

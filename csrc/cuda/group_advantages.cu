@@ -29,15 +29,7 @@ struct Params {
   bool moments_only;
   acc_t* advantages;
   bool* sample_mask;
-  int32_t* reason;
-  bool* group_mask;
-  int32_t* count;
-  acc_t* successes;
-  acc_t* mean;
-  acc_t* std;
-  acc_t* pass_rate;
-  acc_t* success_var;
-  acc_t* reward_var;
+  GroupOutputs<acc_t> groups;
   int64_t* kept_count;
 };
 
@@ -162,9 +154,9 @@ __device__ void process_group(const Params<scalar_t, acc_t>& p, int64_t g, bool 
 
   if (p.moments_only) {
     if (team.rank == 0) {
-      p.count[g] = static_cast<int32_t>(m.n);
-      p.mean[g] = m.mean;
-      p.reward_var[g] = m.m2;
+      p.groups.count[g] = static_cast<int32_t>(m.n);
+      p.groups.mean[g] = m.mean;
+      p.groups.reward_var[g] = m.m2;
     }
     return;
   }
@@ -172,15 +164,7 @@ __device__ void process_group(const Params<scalar_t, acc_t>& p, int64_t g, bool 
   const acc_t batch_std = p.batch_std ? *p.batch_std : acc_t(0);
   const GroupResult<acc_t> res = finish_group(m, p.prior != nullptr, prior, batch_std, p.options);
   if (team.rank == 0) {
-    p.reason[g] = res.reason;
-    p.group_mask[g] = res.kept;
-    p.count[g] = static_cast<int32_t>(res.count);
-    p.successes[g] = res.successes;
-    p.mean[g] = res.mean;
-    p.std[g] = res.std;
-    p.pass_rate[g] = res.pass_rate;
-    p.success_var[g] = res.success_var;
-    p.reward_var[g] = res.reward_var;
+    p.groups.store(g, res);
     p.kept_count[g] = res.kept ? res.count : 0;
   }
   for (int64_t t = 0; t < trips; ++t) {
@@ -280,15 +264,7 @@ void launch_group_advantages(const Inputs& in, Outputs& out, const Scratch& scra
     p.moments_only = moments_only;
     p.advantages = out.advantages.data_ptr<acc_t>();
     p.sample_mask = out.sample_mask.data_ptr<bool>();
-    p.reason = out.reason.data_ptr<int32_t>();
-    p.group_mask = out.group_mask.data_ptr<bool>();
-    p.count = out.count.data_ptr<int32_t>();
-    p.successes = out.successes.data_ptr<acc_t>();
-    p.mean = out.mean.data_ptr<acc_t>();
-    p.std = out.std.data_ptr<acc_t>();
-    p.pass_rate = out.pass_rate.data_ptr<acc_t>();
-    p.success_var = out.success_var.data_ptr<acc_t>();
-    p.reward_var = out.reward_var.data_ptr<acc_t>();
+    p.groups = group_outputs<acc_t>(out);
     p.kept_count = scratch.kept_count.data_ptr<int64_t>();
 
     // A typical group: the fixed size, or the mean size of ragged groups (known on the host).
