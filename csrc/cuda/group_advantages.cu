@@ -1,8 +1,16 @@
 // CUDA kernels of bandadv::group_advantages. Each group is read by a team of threads: a
-// segment of a warp (width = next power of two >= G, so 512 groups of 16 are 256 warps with
-// two groups each) or a whole block for larger groups, looping in team-sized chunks when a
-// group is longer than the team. Every chunk is reduced two-pass in registers and Chan-merged
-// (csrc/group_math.h); reductions are fixed butterflies, so results are bitwise reproducible.
+// segment of a warp (width = next power of two >= the lanes a group needs, so 512 groups of 16
+// floats are 128 warps of eight 4-lane segments) or a whole block for larger groups, looping in
+// team-sized chunks when a group is longer than the team. A lane reads kVec consecutive samples
+// per trip, as one vector load where the layout allows it (fixed groups whose size is a multiple
+// of kVec, aligned rewards): wide coalesced loads, and kVec times fewer shuffles per sample in
+// the reductions. Every chunk is reduced two-pass in registers and Chan-merged
+// (csrc/group_math.h); reductions run in a fixed order, so results are bitwise reproducible.
+//
+// kept_index and num_kept come out of the same launch: the blocks' kept counts are scanned
+// across blocks with a decoupled look-back (Merrill & Garland, "Single-pass Parallel Prefix
+// Scan with Decoupled Look-back", NVIDIA NVR-2016-002), so there is no second kernel and no
+// host sync.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -30,7 +38,25 @@ struct Params {
   acc_t* advantages;
   bool* sample_mask;
   GroupOutputs<acc_t> groups;
-  int64_t* kept_count;
+  int64_t* num_kept;
+  int64_t* kept_index;             // null unless return_index
+  unsigned long long* tile_state;  // [num_tiles] look-back words, then the tile counter; zeroed
+  int64_t num_tiles;
+};
+
+// kVec values moved as one access (a 16-, 8- or 4-byte load or store) where aligned.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+// The samples one lane holds in one trip: rewards, success values and validity
+// (sample_is_valid).
+template <int kVec, typename acc_t>
+struct LaneSamples {
+  acc_t reward[kVec];
+  acc_t success[kVec];
+  bool ok[kVec];
 };
 
 // First reduction of a chunk: valid count, successes, sum, and the extremes of valid rewards.
@@ -82,14 +108,31 @@ __device__ __forceinline__ T butterfly(T v, int width) {
   return v;
 }
 
-// `width` consecutive lanes of a warp own one group. Every lane of the warp must call
-// reduce() the same number of times (the segment kernel makes trip counts warp-uniform).
+// Inclusive prefix sum over the `width` lanes of each segment of a warp.
+template <typename T>
+__device__ __forceinline__ T inclusive_scan(T v, int rank, int width) {
+  for (int offset = 1; offset < width; offset <<= 1) {
+    const T before = __shfl_up_sync(kFullMask, v, offset, width);
+    if (rank >= offset) v += before;
+  }
+  return v;
+}
+
+// `width` consecutive lanes of a warp own one group. Every lane of the warp must call reduce()
+// and exclusive_scan() the same number of times (the segment kernel makes trip counts
+// warp-uniform).
 struct Segment {
   int rank;
   int size;
   template <typename T>
   __device__ __forceinline__ T reduce(T v) const {
     return butterfly(v, size);
+  }
+  // This lane's exclusive prefix of x over the segment, and the segment's total.
+  __device__ __forceinline__ int exclusive_scan(int x, int& total) const {
+    const int inclusive = inclusive_scan(x, rank, size);
+    total = __shfl_sync(kFullMask, inclusive, size - 1, size);
+    return inclusive - x;
   }
 };
 
@@ -109,6 +152,20 @@ struct Block {
     __syncthreads();
     return total;
   }
+  __device__ __forceinline__ int exclusive_scan(int x, int& total) const {
+    const int inclusive = inclusive_scan(x, rank & 31, 32);
+    int* warp_total = reinterpret_cast<int*>(shared);
+    if ((rank & 31) == 31) warp_total[rank >> 5] = inclusive;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < (size >> 5); ++w) {
+      before += w < (rank >> 5) ? warp_total[w] : 0;
+      total += warp_total[w];
+    }
+    __syncthreads();
+    return before + inclusive - x;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -116,30 +173,57 @@ __device__ __forceinline__ acc_t success_at(const Params<scalar_t, acc_t>& p, in
   return p.success ? p.success[i] : default_success(r);
 }
 
-template <typename scalar_t, typename acc_t, typename Team>
-__device__ void process_group(const Params<scalar_t, acc_t>& p, int64_t g, bool active, int64_t begin,
-                              int64_t size, int64_t trips, const Team& team) {
+// Samples j0 .. j0 + kVec - 1 of the group starting at `begin`; those at or past `size` are
+// invalid. kVec > 1 only for fixed groups with size % kVec == 0 and aligned rewards, so a lane's
+// samples are either all in the group or all past it, and one aligned load reads them.
+template <int kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ LaneSamples<kVec, acc_t> load_lane(const Params<scalar_t, acc_t>& p, int64_t begin,
+                                                              int64_t j0, int64_t size) {
+  LaneSamples<kVec, acc_t> x;
+  const bool in = j0 < size;
+  Pack<scalar_t, kVec> raw;
+  if (in) raw = *reinterpret_cast<const Pack<scalar_t, kVec>*>(p.rewards + begin + j0);
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    x.reward[v] = acc_t(0);
+    x.success[v] = acc_t(0);
+    x.ok[v] = false;
+    if (in) {
+      const int64_t i = begin + j0 + v;
+      x.reward[v] = static_cast<acc_t>(raw.v[v]);
+      x.success[v] = success_at(p, i, x.reward[v]);
+      x.ok[v] = sample_is_valid(x.reward[v], p.valid ? p.valid[i] : true, x.success[v]);
+    }
+  }
+  return x;
+}
+
+// Moments of a group, read by `team` kVec samples per lane per trip. The lane's samples of the
+// first trip are left in `first`, which is all of them for a group no longer than the team.
+template <int kVec, typename scalar_t, typename acc_t, typename Team>
+__device__ Moments<acc_t> group_moments(const Params<scalar_t, acc_t>& p, int64_t begin, int64_t size,
+                                        int64_t trips, const Team& team, LaneSamples<kVec, acc_t>& first) {
   Moments<acc_t> m;
-  acc_t first_reward = 0;  // the first chunk stays in registers for the write sweep
-  bool first_ok = false;
   for (int64_t t = 0; t < trips; ++t) {
-    const int64_t j = t * team.size + team.rank;
-    acc_t r = 0, s = 0;
-    bool ok = false;
-    if (j < size) {
-      const int64_t i = begin + j;
-      r = static_cast<acc_t>(p.rewards[i]);
-      s = success_at(p, i, r);
-      ok = sample_is_valid(r, p.valid ? p.valid[i] : true, s);
+    const int64_t j0 = (t * team.size + team.rank) * kVec;
+    const LaneSamples<kVec, acc_t> x = load_lane<kVec>(p, begin, j0, size);
+    if (t == 0) first = x;
+    FirstSums<acc_t> a{0, acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t r = x.reward[v];
+      const bool ok = x.ok[v];
+      a = combine(a, FirstSums<acc_t>{ok ? 1 : 0, ok ? x.success[v] : acc_t(0), ok ? r : acc_t(0), r, r});
     }
-    if (t == 0) {
-      first_reward = r;
-      first_ok = ok;
-    }
-    const FirstSums<acc_t> a = team.reduce(FirstSums<acc_t>{ok ? 1 : 0, ok ? s : acc_t(0), ok ? r : acc_t(0), r, r});
+    a = team.reduce(a);
     const acc_t shift = a.n > 0 ? a.sum / acc_t(a.n) : acc_t(0);
-    const acc_t d = ok ? r - shift : acc_t(0);
-    const SecondSums<acc_t> b = team.reduce(SecondSums<acc_t>{d, d * d});
+    SecondSums<acc_t> b{acc_t(0), acc_t(0)};
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t d = x.ok[v] ? x.reward[v] - shift : acc_t(0);
+      b = combine(b, SecondSums<acc_t>{d, d * d});
+    }
+    b = team.reduce(b);
     Moments<acc_t> chunk;
     chunk.n = a.n;
     if (a.n > 0) {
@@ -150,38 +234,129 @@ __device__ void process_group(const Params<scalar_t, acc_t>& p, int64_t g, bool 
     }
     m = merge_moments(m, chunk);
   }
-  if (!active) return;
+  return m;
+}
 
-  if (p.moments_only) {
-    if (team.rank == 0) {
-      p.groups.count[g] = static_cast<int32_t>(m.n);
-      p.groups.mean[g] = m.mean;
-      p.groups.reward_var[g] = m.m2;
-    }
-    return;
-  }
-  const acc_t prior = p.prior ? p.prior[g] : acc_t(0);
-  const acc_t batch_std = p.batch_std ? *p.batch_std : acc_t(0);
-  const GroupResult<acc_t> res = finish_group(m, p.prior != nullptr, prior, batch_std, p.options);
-  if (team.rank == 0) {
-    p.groups.store(g, res);
-    p.kept_count[g] = res.kept ? res.count : 0;
-  }
+// Advantages and mask of a group's samples and, when asked for, the indices of its kept samples
+// from kept_index[slot] on, in ascending order.
+template <int kVec, typename scalar_t, typename acc_t, typename Team>
+__device__ void write_group(const Params<scalar_t, acc_t>& p, int64_t begin, int64_t size, int64_t trips,
+                            const Team& team, const LaneSamples<kVec, acc_t>& first, const GroupResult<acc_t>& res,
+                            int64_t slot) {
   for (int64_t t = 0; t < trips; ++t) {
-    const int64_t j = t * team.size + team.rank;
-    if (j >= size) continue;
-    const int64_t i = begin + j;
-    acc_t r = first_reward;
-    bool ok = first_ok;
-    if (t > 0) {
-      r = static_cast<acc_t>(p.rewards[i]);
-      ok = sample_is_valid(r, p.valid ? p.valid[i] : true, success_at(p, i, r));
+    const int64_t j0 = (t * team.size + team.rank) * kVec;
+    const LaneSamples<kVec, acc_t> x = t == 0 ? first : load_lane<kVec>(p, begin, j0, size);
+    Pack<acc_t, kVec> advantage;
+    Pack<bool, kVec> keep;
+    int lane_kept = 0;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      keep.v[v] = res.kept && x.ok[v];
+      advantage.v[v] = keep.v[v] ? sample_advantage(x.reward[v], res) : acc_t(0);
+      lane_kept += keep.v[v] ? 1 : 0;
     }
-    const bool keep = res.kept && ok;
-    p.advantages[i] = keep ? sample_advantage(r, res) : acc_t(0);
-    p.sample_mask[i] = keep;
+    if (j0 < size) {
+      *reinterpret_cast<Pack<acc_t, kVec>*>(p.advantages + begin + j0) = advantage;
+      *reinterpret_cast<Pack<bool, kVec>*>(p.sample_mask + begin + j0) = keep;
+    }
+    if (p.kept_index) {  // uniform across the team
+      int team_kept;
+      int64_t at = slot + team.exclusive_scan(lane_kept, team_kept);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        if (keep.v[v]) p.kept_index[at++] = begin + j0 + v;
+      }
+      slot += team_kept;
+    }
   }
 }
+
+// --- Decoupled look-back --------------------------------------------------------------------
+// Each tile (the groups of one block) publishes one 64-bit word: a status in the top two bits
+// and a count of kept samples below them, so that a single load sees both.
+constexpr unsigned long long kAggregateReady = 1ull << 62;  // the tile's own count
+constexpr unsigned long long kInclusiveReady = 2ull << 62;  // the count of this and every earlier tile
+constexpr unsigned long long kCountBits = kAggregateReady - 1;
+
+__device__ __forceinline__ unsigned long long load_state(const unsigned long long* word) {
+  return *reinterpret_cast<const volatile unsigned long long*>(word);
+}
+
+__device__ __forceinline__ void store_state(unsigned long long* word, unsigned long long value) {
+  atomicExch(word, value);
+}
+
+// Per-block shared state of the look-back.
+struct TileShared {
+  int64_t tile;
+  int64_t kept[kSegmentBlock];  // kept samples of each group of the tile, then each one's first slot
+};
+
+// The block's tile, taken in the order blocks start rather than by blockIdx: every tile a block
+// waits for in exclusive_prefix then belongs to a block that is already running, so every wait
+// ends, whatever order the hardware schedules blocks in.
+__device__ __forceinline__ int64_t acquire_tile(unsigned long long* counter, TileShared& sh) {
+  if (threadIdx.x == 0) sh.tile = static_cast<int64_t>(atomicAdd(counter, 1ull));
+  __syncthreads();
+  return sh.tile;
+}
+
+// Publishes this tile's count and returns the count of all earlier tiles. Called by the 32
+// lanes of warp 0, which read the states of 32 earlier tiles at a time (lane 0 the nearest)
+// until one holds an inclusive count.
+__device__ int64_t exclusive_prefix(unsigned long long* state, int64_t tile, int64_t aggregate) {
+  const int lane = threadIdx.x & 31;
+  const unsigned long long own = static_cast<unsigned long long>(aggregate);
+  if (tile == 0) {
+    if (lane == 0) store_state(state, kInclusiveReady | own);
+    return 0;
+  }
+  if (lane == 0) store_state(state + tile, kAggregateReady | own);
+  int64_t prefix = 0;
+  for (int64_t window = tile;; window -= 32) {
+    const int64_t t = window - 1 - lane;
+    unsigned long long s = t >= 0 ? load_state(state + t) : kInclusiveReady;  // before tile 0: 0
+    while (__any_sync(kFullMask, s < kAggregateReady)) {  // a tile of the window has not published yet
+      if (s < kAggregateReady) s = load_state(state + t);
+    }
+    const unsigned inclusive = __ballot_sync(kFullMask, s >= kInclusiveReady);
+    const int stop = inclusive ? __ffs(inclusive) - 1 : 31;  // the nearest inclusive count ends the walk
+    int64_t count = lane <= stop ? static_cast<int64_t>(s & kCountBits) : 0;
+    for (int offset = 16; offset > 0; offset >>= 1) count += __shfl_xor_sync(kFullMask, count, offset);
+    prefix += count;
+    if (inclusive) break;
+  }
+  if (lane == 0) store_state(state + tile, kInclusiveReady | static_cast<unsigned long long>(prefix + aggregate));
+  return prefix;
+}
+
+// Turns sh.kept (each of the tile's `groups` kept counts, written by the group's team) into
+// each group's first slot in kept_index: a scan within the tile by warp 0, and the look-back
+// across tiles. The last tile writes num_kept. Every thread of the block calls it.
+template <typename scalar_t, typename acc_t>
+__device__ void tile_slots(const Params<scalar_t, acc_t>& p, int64_t tile, int groups, TileShared& sh) {
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int per_lane = (groups + 31) / 32;
+    const int lo = min(groups, lane * per_lane), hi = min(groups, lo + per_lane);
+    int64_t run = 0;
+    for (int i = lo; i < hi; ++i) run += sh.kept[i];
+    const int64_t inclusive = inclusive_scan(run, lane, 32);
+    const int64_t aggregate = __shfl_sync(kFullMask, inclusive, 31);
+    const int64_t prefix = exclusive_prefix(p.tile_state, tile, aggregate);
+    int64_t at = prefix + inclusive - run;
+    for (int i = lo; i < hi; ++i) {
+      const int64_t k = sh.kept[i];
+      sh.kept[i] = at;
+      at += k;
+    }
+    if (lane == 0 && tile == p.num_tiles - 1) *p.num_kept = prefix + aggregate;
+  }
+  __syncthreads();
+}
+
+// --- Kernels --------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void group_extent(const Params<scalar_t, acc_t>& p, int64_t g, bool active,
@@ -194,42 +369,75 @@ __device__ __forceinline__ void group_extent(const Params<scalar_t, acc_t>& p, i
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void segment_kernel(const Params<scalar_t, acc_t> p, int width) {
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t g = thread / width;
+__device__ __forceinline__ void store_moments(const Params<scalar_t, acc_t>& p, int64_t g, const Moments<acc_t>& m) {
+  p.groups.count[g] = static_cast<int32_t>(m.n);
+  p.groups.mean[g] = m.mean;
+  p.groups.reward_var[g] = m.m2;
+}
+
+// The group's results, its statistics stored, and its kept count in sh.kept[local].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ GroupResult<acc_t> finish(const Params<scalar_t, acc_t>& p, int64_t g, bool active,
+                                                     const Moments<acc_t>& m, bool leader, int local,
+                                                     TileShared& sh) {
+  GroupResult<acc_t> res{};
+  if (active) {
+    const acc_t prior = p.prior ? p.prior[g] : acc_t(0);
+    const acc_t batch_std = p.batch_std ? *p.batch_std : acc_t(0);
+    res = finish_group(m, p.prior != nullptr, prior, batch_std, p.options);
+  }
+  if (leader) {
+    if (active) p.groups.store(g, res);
+    sh.kept[local] = res.kept ? res.count : 0;
+  }
+  return res;
+}
+
+template <int kVec, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kSegmentBlock) segment_kernel(const Params<scalar_t, acc_t> p, int width) {
+  __shared__ TileShared sh;
+  const int64_t tile = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh);
+  const int groups = kSegmentBlock / width;
+  const int local = threadIdx.x / width;
+  const int64_t g = tile * groups + local;
   const bool active = g < p.num_groups;
   int64_t begin, size;
   group_extent(p, g, active, begin, size);
+  const Segment team{static_cast<int>(threadIdx.x) % width, width};
   // Segments of one warp may own groups of different lengths: all loop to the warp's longest.
-  const unsigned trips = __reduce_max_sync(kFullMask, static_cast<unsigned>((size + width - 1) / width));
-  process_group(p, g, active, begin, size, trips, Segment{static_cast<int>(threadIdx.x) % width, width});
+  const int64_t lanes = (size + kVec - 1) / kVec;
+  const unsigned trips = __reduce_max_sync(kFullMask, static_cast<unsigned>((lanes + width - 1) / width));
+  LaneSamples<kVec, acc_t> first;
+  const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
+  if (p.moments_only) {
+    if (active && team.rank == 0) store_moments(p, g, m);
+    return;
+  }
+  const GroupResult<acc_t> res = finish(p, g, active, m, team.rank == 0, local, sh);
+  tile_slots(p, tile, groups, sh);
+  write_group<kVec>(p, begin, size, trips, team, first, res, sh.kept[local]);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void block_kernel(const Params<scalar_t, acc_t> p) {
+// Up to 1024 threads per block: the bound keeps registers within what such a block may use.
+template <int kVec, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(1024) block_kernel(const Params<scalar_t, acc_t> p) {
   __shared__ alignas(16) unsigned char shared[32 * sizeof(FirstSums<acc_t>)];
-  const int64_t g = blockIdx.x;
+  __shared__ TileShared sh;
+  const int64_t g = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh);
   int64_t begin, size;
   group_extent(p, g, true, begin, size);
-  const int64_t trips = (size + blockDim.x - 1) / blockDim.x;
-  process_group(p, g, true, begin, size, trips, Block{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), shared});
-}
-
-__global__ void kept_index_kernel(const bool* sample_mask, const int64_t* offsets, int64_t group_size,
-                                  int64_t num_groups, const int64_t* first_slot, int64_t* kept_index) {
-  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (g >= num_groups) return;  // uniform across the warp
-  const int64_t begin = offsets ? offsets[g] : g * group_size;
-  const int64_t end = offsets ? offsets[g + 1] : begin + group_size;
-  int64_t slot = first_slot[g];
-  for (int64_t base = begin; base < end; base += 32) {
-    const int64_t i = base + lane;
-    const bool keep = i < end && sample_mask[i];
-    const unsigned ballot = __ballot_sync(kFullMask, keep);
-    if (keep) kept_index[slot + __popc(ballot & ((1u << lane) - 1u))] = i;
-    slot += __popc(ballot);
+  const int64_t lanes = (size + kVec - 1) / kVec;
+  const int64_t trips = (lanes + blockDim.x - 1) / blockDim.x;
+  const Block team{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), shared};
+  LaneSamples<kVec, acc_t> first;
+  const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
+  if (p.moments_only) {
+    if (team.rank == 0) store_moments(p, g, m);
+    return;
   }
+  const GroupResult<acc_t> res = finish(p, g, true, m, team.rank == 0, 0, sh);
+  tile_slots(p, g, 1, sh);
+  write_group<kVec>(p, begin, size, trips, team, first, res, sh.kept[0]);
 }
 
 int next_power_of_two(int64_t x) {
@@ -243,12 +451,47 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Samples per lane: a 16-byte load (8 bytes for 2-byte types) where every group starts aligned
+// to it, which needs fixed groups whose size is a multiple of it; else 1.
+template <typename scalar_t>
+int samples_per_lane(const Inputs& in) {
+  constexpr int kWide = sizeof(scalar_t) >= 8 ? 2 : 4;
+  const auto address = reinterpret_cast<uintptr_t>(in.rewards.data_ptr());
+  const bool aligned = address % (kWide * sizeof(scalar_t)) == 0;
+  return in.group_size > 0 && in.group_size % kWide == 0 && aligned ? kWide : 1;
+}
+
+template <int kVec, typename scalar_t, typename acc_t>
+void launch(Params<scalar_t, acc_t>& p, const Inputs& in, cudaStream_t stream) {
+  // A typical group: the fixed size, or the mean size of ragged groups (known on the host).
+  const int64_t typical = in.group_size > 0 ? in.group_size : in.num_samples / in.num_groups;
+  const int64_t lanes = (typical + kVec - 1) / kVec;
+  const bool segments = lanes <= 32;
+  const int width = in.group_size > 0 ? next_power_of_two(lanes) : 32;
+  const int threads = segments ? kSegmentBlock : std::max(64, next_power_of_two(lanes));
+  p.num_tiles = segments ? (in.num_groups * width + kSegmentBlock - 1) / kSegmentBlock : in.num_groups;
+  TORCH_CHECK(p.num_tiles < (int64_t(1) << 31), "bandadv.group_advantages: too many groups for one launch (",
+              in.num_groups, ")");
+  at::Tensor tile_state;
+  if (!p.moments_only) {
+    tile_state = at::empty({p.num_tiles + 1}, in.rewards.options().dtype(at::kLong));
+    C10_CUDA_CHECK(cudaMemsetAsync(tile_state.data_ptr(), 0, (p.num_tiles + 1) * sizeof(int64_t), stream));
+    p.tile_state = reinterpret_cast<unsigned long long*>(tile_state.data_ptr<int64_t>());
+  }
+  const auto blocks = static_cast<unsigned>(p.num_tiles);
+  if (segments) {
+    segment_kernel<kVec, scalar_t, acc_t><<<blocks, kSegmentBlock, 0, stream>>>(p, width);
+  } else {
+    block_kernel<kVec, scalar_t, acc_t><<<blocks, threads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
-void launch_group_advantages(const Inputs& in, Outputs& out, const Scratch& scratch, bool moments_only,
+void launch_group_advantages(const Inputs& in, Outputs& out, const at::Tensor& batch_std, bool moments_only,
                              cudaStream_t stream) {
-  const int64_t num_groups = in.num_groups;
-  if (num_groups == 0) return;
+  if (in.num_groups == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     Params<scalar_t, acc_t> p;
@@ -257,40 +500,25 @@ void launch_group_advantages(const Inputs& in, Outputs& out, const Scratch& scra
     p.valid = ptr_or_null<bool>(in.valid);
     p.prior = ptr_or_null<acc_t>(in.prior);
     p.offsets = ptr_or_null<int64_t>(in.offsets);
-    p.batch_std = ptr_or_null<acc_t>(scratch.batch_std);
-    p.num_groups = num_groups;
+    p.batch_std = ptr_or_null<acc_t>(batch_std);
+    p.num_groups = in.num_groups;
     p.group_size = in.group_size;
     p.options = in.options;
     p.moments_only = moments_only;
     p.advantages = out.advantages.data_ptr<acc_t>();
     p.sample_mask = out.sample_mask.data_ptr<bool>();
     p.groups = group_outputs<acc_t>(out);
-    p.kept_count = scratch.kept_count.data_ptr<int64_t>();
-
-    // A typical group: the fixed size, or the mean size of ragged groups (known on the host).
-    const int64_t typical = in.group_size > 0 ? in.group_size : in.num_samples / num_groups;
-    if (typical <= 32) {
-      const int width = in.group_size > 0 ? next_power_of_two(typical) : 32;
-      const int64_t threads = num_groups * width;
-      const int64_t blocks = (threads + kSegmentBlock - 1) / kSegmentBlock;
-      segment_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kSegmentBlock, 0, stream>>>(p, width);
+    p.num_kept = out.num_kept.data_ptr<int64_t>();
+    p.kept_index = in.return_index ? out.kept_index.data_ptr<int64_t>() : nullptr;
+    p.tile_state = nullptr;
+    p.num_tiles = 0;
+    constexpr int kWide = sizeof(scalar_t) >= 8 ? 2 : 4;
+    if (samples_per_lane<scalar_t>(in) == kWide) {
+      launch<kWide>(p, in, stream);
     } else {
-      const int threads = std::max(64, next_power_of_two(typical));
-      block_kernel<scalar_t, acc_t><<<static_cast<unsigned>(num_groups), threads, 0, stream>>>(p);
+      launch<1>(p, in, stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-void launch_kept_index(const Inputs& in, const at::Tensor& sample_mask, const at::Tensor& first_slot,
-                       at::Tensor& kept_index, cudaStream_t stream) {
-  if (in.num_groups == 0) return;
-  constexpr int kThreads = 256;  // 8 warps, one group each
-  const int64_t blocks = (in.num_groups * 32 + kThreads - 1) / kThreads;
-  kept_index_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      sample_mask.data_ptr<bool>(), ptr_or_null<int64_t>(in.offsets), in.group_size, in.num_groups,
-      first_slot.data_ptr<int64_t>(), kept_index.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace bandadv::cuda

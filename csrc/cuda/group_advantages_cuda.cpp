@@ -1,13 +1,16 @@
 // CUDA implementation of bandadv::group_advantages: checks, allocation, and the launches on the
-// current stream. No host sync anywhere, so the op can be captured in a CUDA graph; offsets are
-// trusted here (the Python wrapper checks their values unless validate=False).
+// current stream: one kernel for scale="group" and "none"; for "batch", a first kernel for the
+// groups' moments and a few ATen ops that merge them before it. The kernel that writes the
+// outputs follows a memset of its look-back state (and of kept_index to -1, when asked for). No
+// host sync anywhere, so the op can be captured in a CUDA graph; offsets are trusted here (the
+// Python wrapper checks their values unless validate=False).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -35,22 +38,22 @@ struct CudaBackend {
   static void run(const Inputs& in, Outputs& out) {
     const c10::cuda::CUDAGuard guard(in.rewards.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    Scratch scratch;
-    // Every group's kept count is written by the main launch: no memset needed.
-    scratch.kept_count = at::empty({in.num_groups}, in.rewards.options().dtype(at::kLong));
+    if (in.return_index && in.num_samples > 0) {
+      // Every byte 0xff: -1 in each int64 entry past num_kept; the kernel writes the kept ones.
+      C10_CUDA_CHECK(cudaMemsetAsync(out.kept_index.data_ptr(), 0xff, in.num_samples * sizeof(int64_t), stream));
+    }
+    if (in.num_groups == 0) {
+      out.num_kept.zero_();
+      return;
+    }
+    at::Tensor batch_std;
     if (in.options.scale == Scale::kBatch) {
       // The first launch leaves per-group moments in out's count, mean and reward_var; the
       // second, ordered after the merge on the same stream, overwrites them with the results.
-      launch_group_advantages(in, out, scratch, /*moments_only=*/true, stream);
-      scratch.batch_std = batch_std_from_moments(in, out);
+      launch_group_advantages(in, out, batch_std, /*moments_only=*/true, stream);
+      batch_std = batch_std_from_moments(in, out);
     }
-    launch_group_advantages(in, out, scratch, /*moments_only=*/false, stream);
-    at::sum_out(out.num_kept, scratch.kept_count);
-    if (in.return_index) {
-      out.kept_index.fill_(-1);
-      const at::Tensor first_slot = at::cumsum(scratch.kept_count, 0) - scratch.kept_count;
-      launch_kept_index(in, out.sample_mask, first_slot, out.kept_index, stream);
-    }
+    launch_group_advantages(in, out, batch_std, /*moments_only=*/false, stream);
   }
 };
 
