@@ -1,5 +1,6 @@
 """Small calls of the CUDA kernel for compute-sanitizer (memcheck, racecheck): every layout,
-team shape and option path once, on shapes small enough to run under instrumentation."""
+team shape, load width and option path once, on shapes small enough to run under
+instrumentation."""
 
 import torch
 
@@ -9,13 +10,16 @@ gen = torch.Generator().manual_seed(0)
 cases = []
 for g in (1, 3, 16, 32, 33, 200, 1500):
     r = (torch.rand(g * 7, generator=gen) < 0.4).float()
-    cases.append(({"group_size": g}, r))
+    cases.append(({"group_size": g}, r, 0))
+# Many blocks (the look-back across them), and rewards one element off a vector boundary.
+cases.append(({"group_size": 16}, (torch.rand(3000 * 16, generator=gen) < 0.5).float(), 0))
+cases.append(({"group_size": 8}, (torch.rand(257 * 8 + 1, generator=gen) < 0.5).float(), 1))
 sizes = [0, 1, 2, 31, 33, 500, 0, 1400]
 offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
-cases.append(({"offsets": offsets}, torch.rand(sum(sizes), generator=gen)))
-for layout, rewards in cases:
+cases.append(({"offsets": offsets}, torch.rand(sum(sizes), generator=gen), 0))
+for layout, rewards, skip in cases:
     layout = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
-    rewards = rewards.cuda()
+    rewards = rewards.cuda()[skip:]  # skip: the first element off, leaving the rest misaligned
     valid = torch.rand(rewards.shape, device="cuda") > 0.2
     for scale in ("group", "batch"):
         bandadv.group_advantages(rewards, backend="cuda", scale=scale, band=(0.1, 0.9), return_index=True, **layout)

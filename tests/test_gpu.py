@@ -56,6 +56,63 @@ def test_fixed_groups(gpu_backend, group_size, dtype):
     assert_matches_reference(out, ref)
 
 
+def cuda_only():
+    if not torch.cuda.is_available() or "CUDA" not in bandadv.ops.COMPILED:
+        pytest.skip("needs the CUDA kernel")
+
+
+def assert_compaction_matches_cpu(rewards: torch.Tensor, config: AdvantageConfig, **layout) -> None:
+    """The CUDA kernel's masks, kept_index and num_kept equal the C++ CPU kernel's, and its
+    advantages are close to them."""
+    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
+    gpu = bandadv.group_advantages(rewards.cuda(), config=config, backend="cuda", return_index=True, **on_gpu)
+    cpu = bandadv.group_advantages(rewards.cpu(), config=config, backend="cpu", return_index=True, **layout)
+    kept = int(cpu.num_kept)
+    assert int(gpu.num_kept) == kept
+    assert torch.equal(gpu.reason.cpu(), cpu.reason)
+    assert torch.equal(gpu.sample_mask.cpu(), cpu.sample_mask)
+    assert torch.equal(gpu.kept_index.cpu(), cpu.kept_index)
+    assert torch.equal(cpu.kept_index[:kept], cpu.sample_mask.nonzero().flatten())
+    assert bool((cpu.kept_index[kept:] == -1).all())
+    torch.testing.assert_close(gpu.advantages.cpu(), cpu.advantages, atol=2e-4, rtol=2e-4)
+
+
+# About 1M samples: thousands of blocks, so kept_index and num_kept depend on the decoupled
+# look-back across blocks. Group sizes that take 4-sample vector loads (4, 16, 64, 2048),
+# 2-sample ones for float64, and 1-sample loads (6, 200 for float64, misaligned rewards).
+@pytest.mark.parametrize("group_size", [4, 6, 16, 64, 200, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_compaction_across_many_blocks(group_size, dtype, aligned):
+    cuda_only()
+    gen = torch.Generator().manual_seed(group_size)
+    num_groups = (1 << 20) // group_size
+    pass_rate = torch.rand(num_groups, generator=gen).repeat_interleave(group_size)
+    rewards = (torch.rand(num_groups * group_size, generator=gen) < pass_rate).to(dtype)
+    if not aligned:  # one element into a larger buffer: no vector load may be used
+        rewards = torch.cat([rewards.new_zeros(1), rewards]).cuda()[1:]
+    config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
+    assert_compaction_matches_cpu(rewards, config, group_size=group_size)
+
+
+def test_compaction_of_ragged_groups_across_many_blocks():
+    cuda_only()
+    gen = torch.Generator().manual_seed(5)
+    sizes = torch.randint(0, 48, (40_000,), generator=gen)
+    sizes[torch.rand(sizes.shape, generator=gen) < 0.01] = 700  # some groups longer than a warp
+    rewards = random_rewards(int(sizes.sum()), "ternary", gen)
+    valid = torch.rand(rewards.shape, generator=gen) > 0.1
+    config = AdvantageConfig(band=(0.2, 0.8))
+    assert_compaction_matches_cpu(rewards, config, offsets=make_offsets(sizes.tolist()), valid=valid)
+
+
+def test_nothing_kept_gives_an_index_of_minus_ones():
+    cuda_only()
+    rewards = torch.ones(4096 * 16, device="cuda")  # every group all-equal: all masked
+    out = bandadv.group_advantages(rewards, 16, backend="cuda", return_index=True)
+    assert int(out.num_kept) == 0 and bool((out.kept_index == -1).all()) and not bool(out.sample_mask.any())
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_property_matches_reference(case):
