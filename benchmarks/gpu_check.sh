@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a fresh GPU machine (torch, triton, nvcc there; no network):
 #   bash benchmarks/gpu_check.sh
-# 1. builds bandadv in place for this GPU's architecture; 2. runs every `gpu`-marked test (CUDA and
-# Triton kernels against the float64 reference, graph capture, determinism, torch.compile);
-# 3. runs compute-sanitizer memcheck and racecheck on a small driver of the CUDA kernel; 4. runs
-# the benchmark sweep. Writes benchmarks/results/gpu_check_<gpu>_<date>.json (copied to $OUT when
-# set) and prints a short table last. Sized to finish in under 6 minutes on one H100.
+# 1. builds bandadv in place for this GPU's architecture and makes one call of the op, stopping
+# there if it fails or hangs; 2. runs every `gpu`-marked test (CUDA and Triton kernels against the
+# float64 reference, graph capture, determinism, torch.compile); 3. runs compute-sanitizer
+# memcheck and racecheck on a small driver of the CUDA kernel; 4. runs the benchmark sweep.
+# Writes benchmarks/results/gpu_check_<gpu>_<date>.json (copied to $OUT when set) and prints a
+# short table last. Sized to finish in under 6 minutes on one H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -29,6 +30,26 @@ else
   status+=("build=FAILED"); tail -30 "$LOG"; exit 1
 fi
 $PY -c "import bandadv; print('compiled kernels:', sorted(bandadv.ops.COMPILED))" | tee -a "$LOG"
+
+# One call first, under a short timeout: a kernel that hangs (the look-back waits on other
+# blocks) or fails here would only burn the time limits of every step below.
+step "smoke"
+timeout 60 $PY - >>"$LOG" 2>&1 <<'PYEOF'
+import torch, bandadv
+rewards = (torch.rand(1 << 20, device="cuda") < 0.5).float()
+out = bandadv.group_advantages(rewards, 16, backend="auto", return_index=True)
+kept = int(out.num_kept)
+assert torch.equal(out.kept_index[:kept], out.sample_mask.nonzero().flatten()), "kept_index is wrong"
+print("smoke: ok,", kept, "kept")
+PYEOF
+code=$?
+if [ $code != 0 ]; then
+  status+=("smoke=FAILED($code)"); tail -20 "$LOG"
+  echo "GPU check on $GPU: ${status[*]} (stopped: the kernel fails or hangs on one call)"
+  [ -n "${OUT:-}" ] && cp "$LOG" "$OUT"/ 2>/dev/null
+  exit 1
+fi
+status+=("smoke=ok")
 
 step "gpu tests"
 timeout 240 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -15
