@@ -95,14 +95,15 @@ def test_compaction_across_many_blocks(group_size, dtype, aligned):
     assert_compaction_matches_cpu(rewards, config, group_size=group_size)
 
 
-def test_compaction_of_ragged_groups_across_many_blocks():
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_compaction_of_ragged_groups_across_many_blocks(scale):
     cuda_only()
     gen = torch.Generator().manual_seed(5)
     sizes = torch.randint(0, 48, (40_000,), generator=gen)
     sizes[torch.rand(sizes.shape, generator=gen) < 0.01] = 700  # some groups longer than a warp
     rewards = random_rewards(int(sizes.sum()), "ternary", gen)
     valid = torch.rand(rewards.shape, generator=gen) > 0.1
-    config = AdvantageConfig(band=(0.2, 0.8))
+    config = AdvantageConfig(band=(0.2, 0.8), scale=scale)  # batch: the std merged across blocks
     assert_compaction_matches_cpu(rewards, config, offsets=make_offsets(sizes.tolist()), valid=valid)
 
 

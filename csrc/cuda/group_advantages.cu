@@ -10,7 +10,8 @@
 // kept_index and num_kept come out of the same launch: the blocks' kept counts are scanned
 // across blocks with a decoupled look-back (Merrill & Garland, "Single-pass Parallel Prefix
 // Scan with Decoupled Look-back", NVIDIA NVR-2016-002), so there is no second kernel and no
-// host sync.
+// host sync. scale="batch" adds one launch before it, whose last block merges the moments of
+// every group into the batch std.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -30,7 +31,7 @@ struct Params {
   const bool* valid;
   const acc_t* prior;
   const int64_t* offsets;
-  const acc_t* batch_std;
+  acc_t* batch_std;  // scale="batch": written by the first launch, read by the second
   int64_t num_groups;
   int64_t group_size;
   Options options;
@@ -42,6 +43,9 @@ struct Params {
   int64_t* kept_index;             // null unless return_index
   unsigned long long* tile_state;  // [num_tiles] look-back words, then the tile counter; zeroed
   int64_t num_tiles;
+  // moments_only: one (n, mean, m2) per tile, then a counter of finished tiles (zeroed).
+  double* tile_moments;
+  unsigned long long* tiles_done;
 };
 
 // kVec values moved as one access (a 16-, 8- or 4-byte load or store) where aligned.
@@ -368,11 +372,78 @@ __device__ __forceinline__ void group_extent(const Params<scalar_t, acc_t>& p, i
   size = (p.offsets ? p.offsets[g + 1] : begin + p.group_size) - begin;
 }
 
+// --- scale="batch": the moments of every group merged, in the first launch ----------------
+// Each block merges its groups' moments into one (n, mean, m2) per tile; the last block to
+// finish merges those of all tiles. Every merge is a Chan merge in float64 in a fixed order
+// (tiles split among a fixed number of threads, then a fixed tree), so the batch std does not
+// depend on which block finishes last.
+struct BatchShared {
+  int64_t n[kSegmentBlock];
+  double mean[kSegmentBlock];
+  double m2[kSegmentBlock];
+  bool last;
+};
+
+union KernelShared {
+  TileShared tile;
+  BatchShared batch;
+};
+
+__device__ __forceinline__ Moments<double> moments_at(int64_t n, double mean, double m2) {
+  Moments<double> m;
+  m.n = n;
+  m.mean = mean;
+  m.m2 = m2;
+  return m;
+}
+
+// Every thread of the block calls it, after each group's team leader has put its moments in
+// sh.n, sh.mean and sh.m2 (n = 0 for a slot past the last group).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_moments(const Params<scalar_t, acc_t>& p, int64_t g, const Moments<acc_t>& m) {
-  p.groups.count[g] = static_cast<int32_t>(m.n);
-  p.groups.mean[g] = m.mean;
-  p.groups.reward_var[g] = m.m2;
+__device__ void merge_batch_moments(const Params<scalar_t, acc_t>& p, int64_t tile, int groups, BatchShared& sh) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Moments<double> part;
+    for (int i = 0; i < groups; ++i) part = merge_moments(part, moments_at(sh.n[i], sh.mean[i], sh.m2[i]));
+    double* out = p.tile_moments + 3 * tile;
+    out[0] = static_cast<double>(part.n);
+    out[1] = part.mean;
+    out[2] = part.m2;
+    __threadfence();  // this tile's moments are visible before it counts as done
+    sh.last = atomicAdd(p.tiles_done, 1ull) == static_cast<unsigned long long>(p.num_tiles - 1);
+  }
+  __syncthreads();
+  if (!sh.last) return;
+  __threadfence();
+  // The last block: each of `threads` threads merges a run of tiles, then a tree merges the runs.
+  const int threads = min(static_cast<int>(blockDim.x), kSegmentBlock);
+  const int t = threadIdx.x;
+  if (t < threads) {
+    const int64_t per = (p.num_tiles + threads - 1) / threads;
+    const int64_t lo = min(p.num_tiles, t * per), hi = min(p.num_tiles, lo + per);
+    Moments<double> run;
+    for (int64_t i = lo; i < hi; ++i) {
+      const volatile double* m = p.tile_moments + 3 * i;  // written by other blocks: not from L1
+      run = merge_moments(run, moments_at(static_cast<int64_t>(m[0]), m[1], m[2]));
+    }
+    sh.n[t] = run.n;
+    sh.mean[t] = run.mean;
+    sh.m2[t] = run.m2;
+  }
+  for (int stride = 1; stride < threads; stride <<= 1) {
+    __syncthreads();
+    if (t < threads && t % (2 * stride) == 0 && t + stride < threads) {
+      const Moments<double> m = merge_moments(moments_at(sh.n[t], sh.mean[t], sh.m2[t]),
+                                              moments_at(sh.n[t + stride], sh.mean[t + stride], sh.m2[t + stride]));
+      sh.n[t] = m.n;
+      sh.mean[t] = m.mean;
+      sh.m2[t] = m.m2;
+    }
+  }
+  if (t == 0) {
+    const Moments<double> total = moments_at(sh.n[0], sh.mean[0], sh.m2[0]);
+    *p.batch_std = static_cast<acc_t>(sqrt(variance_of(total, p.options.unbiased)));
+  }
 }
 
 // The group's results, its statistics stored, and its kept count in sh.kept[local].
@@ -395,8 +466,8 @@ __device__ __forceinline__ GroupResult<acc_t> finish(const Params<scalar_t, acc_
 
 template <int kVec, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSegmentBlock) segment_kernel(const Params<scalar_t, acc_t> p, int width) {
-  __shared__ TileShared sh;
-  const int64_t tile = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh);
+  __shared__ KernelShared sh;
+  const int64_t tile = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh.tile);
   const int groups = kSegmentBlock / width;
   const int local = threadIdx.x / width;
   const int64_t g = tile * groups + local;
@@ -410,20 +481,25 @@ __global__ void __launch_bounds__(kSegmentBlock) segment_kernel(const Params<sca
   LaneSamples<kVec, acc_t> first;
   const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
   if (p.moments_only) {
-    if (active && team.rank == 0) store_moments(p, g, m);
+    if (team.rank == 0) {
+      sh.batch.n[local] = m.n;
+      sh.batch.mean[local] = static_cast<double>(m.mean);
+      sh.batch.m2[local] = static_cast<double>(m.m2);
+    }
+    merge_batch_moments(p, tile, groups, sh.batch);
     return;
   }
-  const GroupResult<acc_t> res = finish(p, g, active, m, team.rank == 0, local, sh);
-  tile_slots(p, tile, groups, sh);
-  write_group<kVec>(p, begin, size, trips, team, first, res, sh.kept[local]);
+  const GroupResult<acc_t> res = finish(p, g, active, m, team.rank == 0, local, sh.tile);
+  tile_slots(p, tile, groups, sh.tile);
+  write_group<kVec>(p, begin, size, trips, team, first, res, sh.tile.kept[local]);
 }
 
 // Up to 1024 threads per block: the bound keeps registers within what such a block may use.
 template <int kVec, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(1024) block_kernel(const Params<scalar_t, acc_t> p) {
   __shared__ alignas(16) unsigned char shared[32 * sizeof(FirstSums<acc_t>)];
-  __shared__ TileShared sh;
-  const int64_t g = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh);
+  __shared__ KernelShared sh;
+  const int64_t g = p.moments_only ? blockIdx.x : acquire_tile(p.tile_state + p.num_tiles, sh.tile);
   int64_t begin, size;
   group_extent(p, g, true, begin, size);
   const int64_t lanes = (size + kVec - 1) / kVec;
@@ -432,12 +508,17 @@ __global__ void __launch_bounds__(1024) block_kernel(const Params<scalar_t, acc_
   LaneSamples<kVec, acc_t> first;
   const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
   if (p.moments_only) {
-    if (team.rank == 0) store_moments(p, g, m);
+    if (team.rank == 0) {
+      sh.batch.n[0] = m.n;
+      sh.batch.mean[0] = static_cast<double>(m.mean);
+      sh.batch.m2[0] = static_cast<double>(m.m2);
+    }
+    merge_batch_moments(p, g, 1, sh.batch);
     return;
   }
-  const GroupResult<acc_t> res = finish(p, g, true, m, team.rank == 0, 0, sh);
-  tile_slots(p, g, 1, sh);
-  write_group<kVec>(p, begin, size, trips, team, first, res, sh.kept[0]);
+  const GroupResult<acc_t> res = finish(p, g, true, m, team.rank == 0, 0, sh.tile);
+  tile_slots(p, g, 1, sh.tile);
+  write_group<kVec>(p, begin, size, trips, team, first, res, sh.tile.kept[0]);
 }
 
 int next_power_of_two(int64_t x) {
@@ -472,11 +553,18 @@ void launch(Params<scalar_t, acc_t>& p, const Inputs& in, cudaStream_t stream) {
   p.num_tiles = segments ? (in.num_groups * width + kSegmentBlock - 1) / kSegmentBlock : in.num_groups;
   TORCH_CHECK(p.num_tiles < (int64_t(1) << 31), "bandadv.group_advantages: too many groups for one launch (",
               in.num_groups, ")");
-  at::Tensor tile_state;
-  if (!p.moments_only) {
-    tile_state = at::empty({p.num_tiles + 1}, in.rewards.options().dtype(at::kLong));
-    C10_CUDA_CHECK(cudaMemsetAsync(tile_state.data_ptr(), 0, (p.num_tiles + 1) * sizeof(int64_t), stream));
-    p.tile_state = reinterpret_cast<unsigned long long*>(tile_state.data_ptr<int64_t>());
+  // Scratch of this launch; freed into the caching allocator on this stream, so not reused
+  // before the kernel has run.
+  at::Tensor scratch;
+  if (p.moments_only) {
+    scratch = at::empty({3 * p.num_tiles + 1}, in.rewards.options().dtype(at::kDouble));
+    p.tile_moments = scratch.data_ptr<double>();
+    p.tiles_done = reinterpret_cast<unsigned long long*>(p.tile_moments + 3 * p.num_tiles);
+    C10_CUDA_CHECK(cudaMemsetAsync(p.tiles_done, 0, sizeof(unsigned long long), stream));
+  } else {
+    scratch = at::empty({p.num_tiles + 1}, in.rewards.options().dtype(at::kLong));
+    C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, (p.num_tiles + 1) * sizeof(int64_t), stream));
+    p.tile_state = reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>());
   }
   const auto blocks = static_cast<unsigned>(p.num_tiles);
   if (segments) {
@@ -489,7 +577,7 @@ void launch(Params<scalar_t, acc_t>& p, const Inputs& in, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_group_advantages(const Inputs& in, Outputs& out, const at::Tensor& batch_std, bool moments_only,
+void launch_group_advantages(const Inputs& in, Outputs& out, at::Tensor& batch_std, bool moments_only,
                              cudaStream_t stream) {
   if (in.num_groups == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_cuda", [&] {
@@ -512,6 +600,8 @@ void launch_group_advantages(const Inputs& in, Outputs& out, const at::Tensor& b
     p.kept_index = in.return_index ? out.kept_index.data_ptr<int64_t>() : nullptr;
     p.tile_state = nullptr;
     p.num_tiles = 0;
+    p.tile_moments = nullptr;
+    p.tiles_done = nullptr;
     constexpr int kWide = sizeof(scalar_t) >= 8 ? 2 : 4;
     if (samples_per_lane<scalar_t>(in) == kWide) {
       launch<kWide>(p, in, stream);

@@ -1,15 +1,10 @@
 // CUDA implementation of bandadv::group_advantages: checks, allocation, and the launches on the
-// current stream: one kernel for scale="group" and "none"; for "batch", a first kernel for the
-// groups' moments and a few ATen ops that merge them before it. The kernel that writes the
-// outputs follows a memset of its look-back state (and of kept_index to -1, when asked for). No
-// host sync anywhere, so the op can be captured in a CUDA graph; offsets are trusted here (the
-// Python wrapper checks their values unless validate=False).
-#include <ATen/TensorOperators.h>
+// current stream: one kernel for scale="group" and "none"; for "batch", a first one before it
+// that computes the batch std. Each kernel follows a memset of its scratch (and of kept_index to
+// -1, when asked for). No host sync anywhere, so the op can be captured in a CUDA graph; offsets
+// are trusted here (the Python wrapper checks their values unless validate=False).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,19 +15,6 @@
 
 namespace bandadv::cuda {
 namespace {
-
-// scale="batch": merges the per-group (n, mean, m2) of the first launch into the batch std,
-// in float64 (Chan), on the device.
-at::Tensor batch_std_from_moments(const Inputs& in, const Outputs& moments) {
-  const at::Tensor n = moments.count.to(at::kDouble);
-  const at::Tensor mean = moments.mean.to(at::kDouble);
-  const at::Tensor total = n.sum();
-  const at::Tensor batch_mean = (n * mean).sum() / total.clamp_min(1);
-  const at::Tensor m2 = moments.reward_var.to(at::kDouble).sum() + (n * (mean - batch_mean).square()).sum();
-  const double ddof = in.options.unbiased ? 1.0 : 0.0;
-  const at::Tensor var = at::where(total >= 2, m2 / (total - ddof).clamp_min(1), at::zeros_like(m2));
-  return var.sqrt().to(in.acc_dtype).reshape({1});
-}
 
 struct CudaBackend {
   static void run(const Inputs& in, Outputs& out) {
@@ -48,10 +30,8 @@ struct CudaBackend {
     }
     at::Tensor batch_std;
     if (in.options.scale == Scale::kBatch) {
-      // The first launch leaves per-group moments in out's count, mean and reward_var; the
-      // second, ordered after the merge on the same stream, overwrites them with the results.
+      batch_std = at::empty({1}, in.rewards.options().dtype(in.acc_dtype));
       launch_group_advantages(in, out, batch_std, /*moments_only=*/true, stream);
-      batch_std = batch_std_from_moments(in, out);
     }
     launch_group_advantages(in, out, batch_std, /*moments_only=*/false, stream);
   }
