@@ -1,0 +1,99 @@
+// bandadv_emulator::group_advantages, with the schema of bandadv::group_advantages: the CUDA
+// kernels of csrc/cuda/group_advantages_kernels.cuh, with their own launch plan (plan_launch)
+// and arguments (make_params), run on CPU tensors by the fiber emulator (cuda_emulator.h).
+// What csrc/cuda/group_advantages.cu and group_advantages_cuda.cpp do around the kernels
+// (scratch, memsets, the order of launches) is mirrored here; keep the two in step.
+// tests/test_cuda_emulated.py builds this file and defines the op's schema before loading it.
+
+// The emulator switches fibers with _longjmp between stacks, which glibc's fortified longjmp
+// (_FORTIFY_SOURCE, on by default in some compilers) would take for stack corruption.
+#undef _FORTIFY_SOURCE
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "op_common.h"
+
+#include "cuda_emulator.h"  // before the kernels: it defines the CUDA keywords
+
+#include "cuda/group_advantages_kernels.cuh"
+
+namespace bandadv::cuda {
+namespace {
+
+// launch() of group_advantages.cu, with host scratch: as there, only the counters are zeroed.
+template <int kVec, typename scalar_t, typename acc_t>
+void emulate_launch(Params<scalar_t, acc_t> p, const LaunchPlan& plan) {
+  p.num_tiles = plan.num_tiles;
+  std::vector<double> moments(3 * plan.num_tiles + 1, std::nan(""));
+  std::vector<unsigned long long> state(plan.num_tiles + 1, 0);
+  if (p.moments_only) {
+    p.tile_moments = moments.data();
+    p.tiles_done = reinterpret_cast<unsigned long long*>(p.tile_moments + 3 * plan.num_tiles);
+    *p.tiles_done = 0;
+  } else {
+    p.tile_state = state.data();
+  }
+  const auto grid = static_cast<unsigned>(plan.num_tiles);
+  if (plan.segments) {
+    emu::launch(grid, kSegmentBlock, [&] { segment_kernel<kVec, scalar_t, acc_t>(p, plan.width); });
+  } else {
+    emu::launch(grid, plan.threads, [&] { block_kernel<kVec, scalar_t, acc_t>(p); });
+  }
+}
+
+// launch_group_advantages() of group_advantages.cu.
+void emulate(const Inputs& in, Outputs& out, const at::Tensor& batch_std, bool moments_only) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "group_advantages_emulated", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Params<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(in, out, batch_std, moments_only);
+    const LaunchPlan plan =
+        plan_launch<scalar_t>(in.num_groups, in.group_size, in.num_samples, in.rewards.data_ptr());
+    if (plan.vec > 1) {
+      emulate_launch<kWideLoad<scalar_t>>(p, plan);
+    } else {
+      emulate_launch<1>(p, plan);
+    }
+  });
+}
+
+// CudaBackend::run() of group_advantages_cuda.cpp, on outputs first filled with values no
+// kernel writes, so that an output the kernels leave unwritten shows.
+struct EmulatedBackend {
+  static void run(const Inputs& in, Outputs& out) {
+    for (at::Tensor* t : {&out.advantages, &out.successes, &out.mean, &out.std, &out.pass_rate, &out.success_var,
+                          &out.reward_var}) {
+      t->fill_(std::nan(""));
+    }
+    for (at::Tensor* t : {&out.reason, &out.count, &out.num_kept, &out.kept_index}) t->fill_(-77);
+    out.sample_mask.fill_(true);
+    out.group_mask.fill_(true);
+    if (in.return_index && in.num_samples > 0) out.kept_index.fill_(-1);  // the memset to 0xff
+    if (in.num_groups == 0) {
+      out.num_kept.zero_();
+      return;
+    }
+    at::Tensor batch_std;
+    if (in.options.scale == Scale::kBatch) {
+      batch_std = at::empty({1}, in.rewards.options().dtype(in.acc_dtype)).fill_(std::nan(""));
+      emulate(in, out, batch_std, /*moments_only=*/true);
+    }
+    emulate(in, out, batch_std, /*moments_only=*/false);
+  }
+};
+
+// Resident threads at most (so blocks at once) and the seed of the scheduling order.
+void configure(int64_t max_threads, int64_t seed) {
+  emu::runtime().max_threads = static_cast<size_t>(max_threads);
+  emu::runtime().seed = static_cast<uint64_t>(seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bandadv_emulator, CPU, m) { m.impl("group_advantages", &group_advantages_entry<EmulatedBackend>); }
+
+// No tensor arguments, so no backend key to dispatch on.
+TORCH_LIBRARY_IMPL(bandadv_emulator, CompositeExplicitAutograd, m) { m.impl("configure", &configure); }
+
+}  // namespace bandadv::cuda

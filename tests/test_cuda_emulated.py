@@ -1,0 +1,131 @@
+"""The CUDA kernels' own source (csrc/cuda/group_advantages_kernels.cuh), run on the CPU by the
+fiber emulator in tests/cuda_emulator: against the float64 reference on random cases, and
+against the C++ CPU kernel (masks, reasons, kept_index and num_kept exactly) for every team
+shape, load width and dtype. This checks the kernels' logic, including the decoupled look-back
+across blocks resident at once in shuffled order; the GPU's memory ordering, timing and
+resource limits are checked only on a GPU (tests/test_gpu.py, benchmarks/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from test_correctness import cases
+
+import bandadv
+from bandadv import AdvantageConfig
+from bandadv.advantages import _from_op_outputs
+from conftest import assert_matches_reference, make_offsets, random_rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """torch.ops.bandadv_emulator.group_advantages, built on first use (about 15 s)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils import cpp_extension
+
+    if not hasattr(torch.ops.bandadv_emulator, "configure"):
+        lib = torch.library.Library("bandadv_emulator", "DEF")
+        lib.define(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
+        lib.define("configure(int max_threads, int seed) -> ()")
+        emulated.library = lib  # kept alive for the session
+        cpp_extension.load(
+            name="bandadv_cuda_emulator",
+            sources=[str(ROOT / "tests/cuda_emulator/emulated_op.cpp")],
+            extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/cuda_emulator")],
+            extra_cflags=["-O2", "-std=c++20", "-U_FORTIFY_SOURCE"],
+            build_directory=str(tmp_path_factory.mktemp("cuda_emulator")),
+            is_python_module=False,
+        )
+    return torch.ops.bandadv_emulator
+
+
+def run_emulated(ops, rewards, config, *, group_size=0, offsets=None, success=None, valid=None, prior=None):
+    args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), True)
+    return _from_op_outputs(ops.group_advantages.default(*args), return_index=True)
+
+
+def run_cpu(rewards, config, **layout):
+    return bandadv.group_advantages(rewards, config=config, backend="cpu", return_index=True, **layout)
+
+
+def assert_same_selection(out, cpu):
+    """Exactly the CPU kernel's reasons, masks, counts and compaction; numbers close."""
+    for name in ("reason", "group_mask", "sample_mask", "num_kept", "kept_index"):
+        assert torch.equal(getattr(out, name), getattr(cpu, name)), name
+    assert torch.equal(out.stats.count, cpu.stats.count)
+    torch.testing.assert_close(out.advantages, cpu.advantages, atol=2e-4, rtol=2e-4)
+    for name in ("successes", "mean", "std", "pass_rate", "success_var", "reward_var"):
+        torch.testing.assert_close(getattr(out.stats, name), getattr(cpu.stats, name), atol=2e-4, rtol=2e-4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=cases())
+def test_property_matches_reference(emulated, case):
+    rewards, layout, extras, config = case
+    out = run_emulated(emulated, rewards, config, **layout, **extras)
+    ref = bandadv.reference_group_advantages(rewards, config=config, return_index=True, **layout, **extras)
+    assert_matches_reference(out, ref)
+
+
+# Segments of 1..32 lanes reading 1 or 4 samples each, blocks of 64..1024 threads, block-strided
+# loops; 4-sample loads need group_size % 4 == 0 and aligned rewards (2-sample for float64).
+@pytest.mark.parametrize("group_size", [1, 3, 4, 16, 32, 33, 64, 132, 1024, 1030, 4100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_fixed_groups_match_the_cpu_kernel(emulated, group_size, dtype, aligned):
+    gen = torch.Generator().manual_seed(group_size)
+    num_groups = max(2, 4000 // group_size)
+    rewards = random_rewards(num_groups * group_size + 1, "ternary", gen, dtype)
+    rewards = rewards[1:] if not aligned else rewards[:-1]  # [1:]: one element off every boundary
+    assert (rewards.data_ptr() % 16 == 0) == aligned
+    rewards[torch.rand(rewards.shape, generator=gen) < 0.05] = float("nan")
+    config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
+    out = run_emulated(emulated, rewards, config, group_size=group_size)
+    assert_same_selection(out, run_cpu(rewards, config, group_size=group_size))
+
+
+@pytest.mark.parametrize("max_threads", [256, 2048, 16384])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_many_blocks_in_flight(emulated, max_threads, scale):
+    # 256: one block at a time, so each finds its predecessor's inclusive count; 16384: 64 blocks
+    # at once, interleaved, so the look-back walks windows of tiles that have published only
+    # their own count, and the batch merge's last block is any of them.
+    gen = torch.Generator().manual_seed(max_threads)
+    sizes = torch.randint(0, 40, (1200,), generator=gen)
+    rewards = random_rewards(int(sizes.sum()), "binary", gen)
+    valid = torch.rand(rewards.shape, generator=gen) > 0.1
+    offsets = make_offsets(sizes.tolist())
+    config = AdvantageConfig(band=(0.2, 0.8), scale=scale)
+    cpu = run_cpu(rewards, config, offsets=offsets, valid=valid)
+    for seed in range(2):
+        emulated.configure(max_threads, seed)
+        try:
+            out = run_emulated(emulated, rewards, config, offsets=offsets, valid=valid)
+        finally:
+            emulated.configure(12288, 0)
+        assert_same_selection(out, cpu)
+
+
+def test_nothing_kept(emulated):
+    rewards = torch.ones(300 * 16)  # every group all-equal
+    out = run_emulated(emulated, rewards, AdvantageConfig(), group_size=16)
+    assert int(out.num_kept) == 0 and bool((out.kept_index == -1).all()) and not bool(out.sample_mask.any())
+
+
+@pytest.mark.parametrize("num_groups", [128, 192, 1000])
+def test_batch_std_merges_every_block(emulated, num_groups):
+    # Groups of 132 (33 lanes of 4 samples): one 64-thread block each, so the last block's 64
+    # threads each merge a run of tiles (2, 3 and 16 here) before the tree: every run counts.
+    gen = torch.Generator().manual_seed(num_groups)
+    rewards = random_rewards(num_groups * 132, "continuous", gen)
+    rewards[-132:] *= 100.0  # the last tile changes the batch std visibly
+    config = AdvantageConfig(scale="batch")
+    out = run_emulated(emulated, rewards, config, group_size=132)
+    assert_same_selection(out, run_cpu(rewards, config, group_size=132))
