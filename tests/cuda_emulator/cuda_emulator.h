@@ -231,7 +231,7 @@ inline void launch(unsigned grid, unsigned threads, std::function<void()> kernel
       }
     }
     idle_passes = r.progress == before ? idle_passes + 1 : 0;
-    if (idle_passes > 100000) throw std::runtime_error("emulator: the kernel hangs (no fiber progresses)");
+    if (idle_passes > 20000) throw std::runtime_error("emulator: the kernel hangs (no fiber progresses)");
   }
   r.current = nullptr;
 }
