@@ -129,3 +129,25 @@ def test_batch_std_merges_every_block(emulated, num_groups):
     config = AdvantageConfig(scale="batch")
     out = run_emulated(emulated, rewards, config, group_size=132)
     assert_same_selection(out, run_cpu(rewards, config, group_size=132))
+
+
+def test_results_do_not_depend_on_block_order(emulated):
+    # Bitwise: the look-back's counts are integers and the batch merge runs in a fixed order,
+    # whichever blocks run together and whichever finishes last.
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.randint(1, 60, (900,), generator=gen)
+    rewards = random_rewards(int(sizes.sum()), "continuous", gen)
+    offsets = make_offsets(sizes.tolist())
+    config = AdvantageConfig(band=(0.2, 0.8), scale="batch")
+    runs = []
+    for max_threads, seed in ((256, 0), (4096, 1), (16384, 2)):
+        emulated.configure(max_threads, seed)
+        try:
+            runs.append(
+                emulated.group_advantages.default(rewards, 0, offsets, None, None, None, *config.op_args(), True)
+            )
+        finally:
+            emulated.configure(12288, 0)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
