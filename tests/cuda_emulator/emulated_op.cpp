@@ -9,9 +9,13 @@
 // (_FORTIFY_SOURCE, on by default in some compilers) would take for stack corruption.
 #undef _FORTIFY_SOURCE
 #include <ATen/Dispatch.h>
+#include <ATen/ops/from_blob.h>
+#include <sys/mman.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "op_common.h"
 
@@ -58,6 +62,60 @@ void emulate(const Inputs& in, Outputs& out, const at::Tensor& batch_std, bool m
   });
 }
 
+// A copy of a tensor whose last byte lies just before a page that may not be touched (less up
+// to 15 bytes that keep its address modulo 16, which decides vector loads): a kernel that reads
+// or writes past the end crashes the test instead of passing unnoticed.
+class Guarded {
+ public:
+  explicit Guarded(at::Tensor& t) : original_(t) {
+    if (!t.defined() || t.nbytes() == 0) return;
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = t.nbytes(), offset = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
+    const size_t span = (bytes + offset + 15) / 16 * 16;
+    length_ = (span + page - 1) / page * page + page;
+    void* base = mmap(nullptr, length_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "emulator: mmap failed");
+    base_ = static_cast<unsigned char*>(base);
+    unsigned char* guard = base_ + length_ - page;
+    TORCH_CHECK(mprotect(guard, page, PROT_NONE) == 0, "emulator: mprotect failed");
+    unsigned char* data = guard - span + offset;
+    std::memcpy(data, t.data_ptr(), bytes);
+    t = at::from_blob(data, t.sizes(), t.strides(), t.options());
+  }
+  ~Guarded() {
+    if (base_) munmap(base_, length_);
+  }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  // Copies the guarded data back into the tensor it was made from.
+  void copy_back(at::Tensor& guarded) const {
+    if (base_) std::memcpy(original_.data_ptr(), guarded.data_ptr(), original_.nbytes());
+  }
+
+ private:
+  at::Tensor original_;
+  unsigned char* base_ = nullptr;
+  size_t length_ = 0;
+};
+
+// Runs the launches of one call on guarded copies of every tensor the kernels touch.
+void emulate_guarded(const Inputs& in, Outputs& out, at::Tensor& batch_std) {
+  Inputs gin = in;
+  Outputs gout = out;
+  std::vector<std::unique_ptr<Guarded>> inputs, outputs;
+  for (at::Tensor* t : {&gin.rewards, &gin.offsets, &gin.success, &gin.valid, &gin.prior}) {
+    inputs.push_back(std::make_unique<Guarded>(*t));
+  }
+  std::vector<at::Tensor*> touched = {&gout.advantages, &gout.sample_mask, &gout.reason,      &gout.group_mask,
+                                      &gout.count,      &gout.successes,   &gout.mean,        &gout.std,
+                                      &gout.pass_rate,  &gout.success_var, &gout.reward_var,  &gout.num_kept,
+                                      &gout.kept_index, &batch_std};
+  for (at::Tensor* t : touched) outputs.push_back(std::make_unique<Guarded>(*t));
+  if (in.options.scale == Scale::kBatch) emulate(gin, gout, batch_std, /*moments_only=*/true);
+  emulate(gin, gout, batch_std, /*moments_only=*/false);
+  for (size_t i = 0; i < touched.size(); ++i) outputs[i]->copy_back(*touched[i]);
+}
+
 // CudaBackend::run() of group_advantages_cuda.cpp, on outputs first filled with values no
 // kernel writes, so that an output the kernels leave unwritten shows.
 struct EmulatedBackend {
@@ -77,9 +135,8 @@ struct EmulatedBackend {
     at::Tensor batch_std;
     if (in.options.scale == Scale::kBatch) {
       batch_std = at::empty({1}, in.rewards.options().dtype(in.acc_dtype)).fill_(std::nan(""));
-      emulate(in, out, batch_std, /*moments_only=*/true);
     }
-    emulate(in, out, batch_std, /*moments_only=*/false);
+    emulate_guarded(in, out, batch_std);
   }
 };
 
