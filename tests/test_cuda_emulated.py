@@ -34,6 +34,7 @@ def emulated(tmp_path_factory):
         lib = torch.library.Library("bandadv_emulator", "DEF")
         lib.define(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
         lib.define("configure(int max_threads, int seed) -> ()")
+        lib.define("counters() -> int[]")
         emulated.library = lib  # kept alive for the session
         cpp_extension.load(
             name="bandadv_cuda_emulator",
@@ -151,3 +152,18 @@ def test_results_do_not_depend_on_block_order(emulated):
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 64])
+def test_vector_loads_cut_warp_operations(emulated, group_size):
+    # Counted, not timed: 4 samples per lane means a quarter of the lanes and shorter
+    # butterflies, so several times fewer shuffles and votes per sample than 1-sample loads
+    # (misaligned rewards) of the same groups.
+    rewards = (torch.rand(256 * group_size + 1) < 0.5).float()
+    config = AdvantageConfig(band=(0.1, 0.9))
+    per_sample = {}
+    for name, r in (("aligned", rewards[:-1]), ("misaligned", rewards[1:])):
+        emulated.counters()
+        run_emulated(emulated, r, config, group_size=group_size)
+        per_sample[name] = emulated.counters()[0] / r.numel()
+    assert per_sample["misaligned"] > 4 * per_sample["aligned"], per_sample

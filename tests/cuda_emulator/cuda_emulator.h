@@ -79,6 +79,8 @@ struct Runtime {
                          // which a warp spinning on another block's flag keeps doing)
   size_t max_threads = 12288;  // resident threads at most
   uint64_t seed = 0;
+  int64_t warp_ops = 0;  // warp operations (shuffles, votes) executed, counted per warp
+  int64_t block_barriers = 0;  // __syncthreads passed, counted per block
 };
 
 inline Runtime& runtime() {
@@ -146,6 +148,7 @@ auto warp_op(T v, Read read) {
   auto& slots = b.warp_slots[warp][buffer];
   buffer ^= 1;
   slots[lane] = to_bits(v);
+  if (lane == 0) ++r.warp_ops;
   wait(b.warp_barriers[warp], 32, false);
   return read(lane, slots);
 }
@@ -244,6 +247,7 @@ inline void launch(unsigned grid, unsigned threads, std::function<void()> kernel
 
 inline void __syncthreads() {
   emu::Runtime& r = emu::runtime();
+  if (r.current->thread == 0) ++r.block_barriers;
   emu::wait(r.blocks[r.current->block].barrier, static_cast<int>(r.block_dim), true);
 }
 

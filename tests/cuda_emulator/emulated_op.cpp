@@ -146,11 +146,23 @@ void configure(int64_t max_threads, int64_t seed) {
   emu::runtime().seed = static_cast<uint64_t>(seed);
 }
 
+// Warp operations and block barriers executed since the last call (counted once per warp and
+// per block): what the kernels' reductions and scans cost, independent of any GPU's timing.
+std::vector<int64_t> counters() {
+  emu::Runtime& r = emu::runtime();
+  std::vector<int64_t> out = {r.warp_ops, r.block_barriers};
+  r.warp_ops = r.block_barriers = 0;
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bandadv_emulator, CPU, m) { m.impl("group_advantages", &group_advantages_entry<EmulatedBackend>); }
 
 // No tensor arguments, so no backend key to dispatch on.
-TORCH_LIBRARY_IMPL(bandadv_emulator, CompositeExplicitAutograd, m) { m.impl("configure", &configure); }
+TORCH_LIBRARY_IMPL(bandadv_emulator, CompositeExplicitAutograd, m) {
+  m.impl("configure", &configure);
+  m.impl("counters", &counters);
+}
 
 }  // namespace bandadv::cuda
