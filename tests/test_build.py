@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -65,6 +66,32 @@ def test_baseline_simd_kernel_matches_the_reference():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_sdist_holds_every_native_source(tmp_path):
+    # setuptools puts the extension's listed sources in an sdist but not the headers they
+    # include (MANIFEST.in adds them); without them a build from the sdist fails. Built from a
+    # copy of the checkout's files: an egg-info left by an earlier build would add its files.
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
+    source = tmp_path / "source"
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        cwd=source, check=True, capture_output=True, timeout=600, env={**os.environ, "BANDADV_SKIP_EXT": "1"},
+    )  # fmt: skip
+    (sdist,) = glob.glob(str(tmp_path / "bandadv-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    native = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert native and native <= packed, sorted(native - packed)
 
 
 @pytest.mark.slow
