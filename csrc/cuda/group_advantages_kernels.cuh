@@ -413,8 +413,16 @@ __device__ __forceinline__ Moments<double> moments_at(int64_t n, double mean, do
   return m;
 }
 
-// Every thread of the block calls it, after each group's team leader has put its moments in
-// sh.n, sh.mean and sh.m2 (n = 0 for a slot past the last group).
+// A group's moments, put in slot `local` of the tile by its team leader (n = 0 for a slot past
+// the last group).
+template <typename acc_t>
+__device__ __forceinline__ void stash_moments(BatchShared& sh, int local, const Moments<acc_t>& m) {
+  sh.n[local] = m.n;
+  sh.mean[local] = static_cast<double>(m.mean);
+  sh.m2[local] = static_cast<double>(m.m2);
+}
+
+// Every thread of the block calls it, after stash_moments for each of the tile's groups.
 template <typename scalar_t, typename acc_t>
 __device__ void merge_batch_moments(const Params<scalar_t, acc_t>& p, int64_t tile, int groups, BatchShared& sh) {
   __syncthreads();
@@ -497,11 +505,7 @@ __global__ void __launch_bounds__(kSegmentBlock) segment_kernel(const Params<sca
   LaneSamples<kVec, acc_t> first;
   const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
   if (p.moments_only) {
-    if (team.rank == 0) {
-      sh.batch.n[local] = m.n;
-      sh.batch.mean[local] = static_cast<double>(m.mean);
-      sh.batch.m2[local] = static_cast<double>(m.m2);
-    }
+    if (team.rank == 0) stash_moments(sh.batch, local, m);
     merge_batch_moments(p, tile, groups, sh.batch);
     return;
   }
@@ -524,11 +528,7 @@ __global__ void __launch_bounds__(1024) block_kernel(const Params<scalar_t, acc_
   LaneSamples<kVec, acc_t> first;
   const Moments<acc_t> m = group_moments<kVec>(p, begin, size, trips, team, first);
   if (p.moments_only) {
-    if (team.rank == 0) {
-      sh.batch.n[0] = m.n;
-      sh.batch.mean[0] = static_cast<double>(m.mean);
-      sh.batch.m2[0] = static_cast<double>(m.m2);
-    }
+    if (team.rank == 0) stash_moments(sh.batch, 0, m);
     merge_batch_moments(p, g, 1, sh.batch);
     return;
   }
