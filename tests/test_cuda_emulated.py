@@ -21,6 +21,7 @@ from bandadv.advantages import _from_op_outputs
 from conftest import assert_matches_reference, make_offsets, random_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
+_LIBRARIES: list[torch.library.Library] = []  # the emulator's op definitions, alive for the session
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def emulated(tmp_path_factory):
         lib.define(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
         lib.define("configure(int max_threads, int seed) -> ()")
         lib.define("counters() -> int[]")
-        emulated.library = lib  # kept alive for the session
+        _LIBRARIES.append(lib)
         cpp_extension.load(
             name="bandadv_cuda_emulator",
             sources=[str(ROOT / "tests/cuda_emulator/emulated_op.cpp")],
