@@ -25,6 +25,11 @@
 #ifndef BANDADV_SHARED
 #define BANDADV_SHARED(type, name) __shared__ type name
 #endif
+// A vector access; tests/cuda_emulator checks its alignment, which a GPU requires and a CPU
+// does not.
+#ifndef BANDADV_VECTOR
+#define BANDADV_VECTOR(address, ...) (*reinterpret_cast<__VA_ARGS__*>(address))
+#endif
 
 // Included by one translation unit in each build: csrc/cuda/group_advantages.cu, and the CPU
 // emulator that runs these kernels in the tests.
@@ -202,7 +207,7 @@ __device__ __forceinline__ LaneSamples<kVec, acc_t> load_lane(const Params<scala
   LaneSamples<kVec, acc_t> x;
   const bool in = j0 < size;
   Pack<scalar_t, kVec> raw;
-  if (in) raw = *reinterpret_cast<const Pack<scalar_t, kVec>*>(p.rewards + begin + j0);
+  if (in) raw = BANDADV_VECTOR(p.rewards + begin + j0, const Pack<scalar_t, kVec>);
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     x.reward[v] = acc_t(0);
@@ -276,8 +281,8 @@ __device__ void write_group(const Params<scalar_t, acc_t>& p, int64_t begin, int
       lane_kept += keep.v[v] ? 1 : 0;
     }
     if (j0 < size) {
-      *reinterpret_cast<Pack<acc_t, kVec>*>(p.advantages + begin + j0) = advantage;
-      *reinterpret_cast<Pack<bool, kVec>*>(p.sample_mask + begin + j0) = keep;
+      BANDADV_VECTOR(p.advantages + begin + j0, Pack<acc_t, kVec>) = advantage;
+      BANDADV_VECTOR(p.sample_mask + begin + j0, Pack<bool, kVec>) = keep;
     }
     if (p.kept_index) {  // uniform across the team
       int team_kept;

@@ -18,6 +18,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -33,6 +35,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define BANDADV_SHARED(type, name) type& name = ::emu::shared<type>(__LINE__)
+#define BANDADV_VECTOR(address, ...) (*::emu::aligned<__VA_ARGS__>(address))
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -165,6 +168,18 @@ T& shared(int line) {
   void* p = slot.get();
   size_t space = sizeof(T) + alignof(T);
   return *static_cast<T*>(std::align(alignof(T), sizeof(T), p, space));
+}
+
+// `address` as a T*, after checking it is aligned to T as a GPU's vector access must be: a
+// misaligned one faults there. Aborts, since an exception cannot leave a fiber.
+template <typename T, typename U>
+T* aligned(U* address) {
+  if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0) {
+    std::fprintf(stderr, "emulator: misaligned %zu-byte vector access at %p\n", sizeof(T),
+                 static_cast<const void*>(address));
+    std::abort();
+  }
+  return reinterpret_cast<T*>(address);
 }
 
 inline void trampoline() {
