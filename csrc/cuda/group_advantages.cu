@@ -16,17 +16,12 @@ void launch(Params<scalar_t, acc_t>& p, const LaunchPlan& plan, const Inputs& in
               in.num_groups, ")");
   // Scratch of this launch; freed into the caching allocator on this stream, so not reused
   // before the kernel has run.
-  at::Tensor scratch;
-  if (p.moments_only) {
-    scratch = at::empty({3 * p.num_tiles + 1}, in.rewards.options().dtype(at::kDouble));
-    p.tile_moments = scratch.data_ptr<double>();
-    p.tiles_done = reinterpret_cast<unsigned long long*>(p.tile_moments + 3 * p.num_tiles);
-    C10_CUDA_CHECK(cudaMemsetAsync(p.tiles_done, 0, sizeof(unsigned long long), stream));
-  } else {
-    scratch = at::empty({p.num_tiles + 1}, in.rewards.options().dtype(at::kLong));
-    C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, (p.num_tiles + 1) * sizeof(int64_t), stream));
-    p.tile_state = reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>());
-  }
+  const ScratchLayout layout = scratch_layout(p);
+  const at::Tensor scratch = at::empty({layout.size}, in.rewards.options().dtype(at::kLong));
+  int64_t* words = scratch.data_ptr<int64_t>();
+  C10_CUDA_CHECK(cudaMemsetAsync(words + layout.zeroed_from, 0,
+                                 (layout.size - layout.zeroed_from) * sizeof(int64_t), stream));
+  bind_scratch(p, words);
   const auto blocks = static_cast<unsigned>(p.num_tiles);
   if (plan.segments) {
     segment_kernel<kVec, scalar_t, acc_t><<<blocks, kSegmentBlock, 0, stream>>>(p, plan.width);

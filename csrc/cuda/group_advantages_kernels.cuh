@@ -581,6 +581,31 @@ LaunchPlan plan_launch(int64_t num_groups, int64_t group_size, int64_t num_sampl
   return plan;
 }
 
+// The scratch of one launch, in 8-byte words: moments_only, an (n, mean, m2) per tile and then
+// the counter of finished tiles; otherwise a look-back word per tile and then the tile counter.
+// Only the counters and look-back words must start zeroed: words [zeroed_from, size).
+struct ScratchLayout {
+  int64_t size;
+  int64_t zeroed_from;
+};
+
+template <typename scalar_t, typename acc_t>
+ScratchLayout scratch_layout(const Params<scalar_t, acc_t>& p) {
+  if (p.moments_only) return {3 * p.num_tiles + 1, 3 * p.num_tiles};
+  return {p.num_tiles + 1, 0};
+}
+
+// Points p's scratch at `words` (laid out as scratch_layout(p) says, 8-byte aligned).
+template <typename scalar_t, typename acc_t>
+void bind_scratch(Params<scalar_t, acc_t>& p, void* words) {
+  if (p.moments_only) {
+    p.tile_moments = static_cast<double*>(words);
+    p.tiles_done = reinterpret_cast<unsigned long long*>(p.tile_moments + 3 * p.num_tiles);
+  } else {
+    p.tile_state = static_cast<unsigned long long*>(words);
+  }
+}
+
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;

@@ -26,19 +26,15 @@
 namespace bandadv::cuda {
 namespace {
 
-// launch() of group_advantages.cu, with host scratch: as there, only the counters are zeroed.
+// launch() of group_advantages.cu, with host scratch: as there, only the words scratch_layout
+// names are zeroed; the rest starts as NaN.
 template <int kVec, typename scalar_t, typename acc_t>
 void emulate_launch(Params<scalar_t, acc_t> p, const LaunchPlan& plan) {
   p.num_tiles = plan.num_tiles;
-  std::vector<double> moments(3 * plan.num_tiles + 1, std::nan(""));
-  std::vector<unsigned long long> state(plan.num_tiles + 1, 0);
-  if (p.moments_only) {
-    p.tile_moments = moments.data();
-    p.tiles_done = reinterpret_cast<unsigned long long*>(p.tile_moments + 3 * plan.num_tiles);
-    *p.tiles_done = 0;
-  } else {
-    p.tile_state = state.data();
-  }
+  const ScratchLayout layout = scratch_layout(p);
+  std::vector<double> words(layout.size, std::nan(""));
+  std::fill(words.begin() + layout.zeroed_from, words.end(), 0.0);  // all-zero bits
+  bind_scratch(p, words.data());
   const auto grid = static_cast<unsigned>(plan.num_tiles);
   if (plan.segments) {
     emu::launch(grid, kSegmentBlock, [&] { segment_kernel<kVec, scalar_t, acc_t>(p, plan.width); });
