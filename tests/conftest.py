@@ -85,3 +85,14 @@ def run_both(rewards, *, backend: str, config: AdvantageConfig, return_index=Tru
 
 
 REQUIRE_EXTENSION = os.environ.get("BANDADV_REQUIRE_EXT") == "1"
+
+
+def assert_matches_cpu_kernel(out: GroupAdvantages, cpu: GroupAdvantages) -> None:
+    """Another kernel's result (on any device) against the C++ CPU kernel's: reasons, masks,
+    counts and compaction exactly, numbers close."""
+    for name in ("reason", "group_mask", "sample_mask", "num_kept", "kept_index"):
+        assert torch.equal(getattr(out, name).cpu(), getattr(cpu, name)), name
+    assert torch.equal(out.stats.count.cpu(), cpu.stats.count)
+    torch.testing.assert_close(out.advantages.cpu(), cpu.advantages, atol=2e-4, rtol=2e-4)
+    for name in ("successes", "mean", "std", "pass_rate", "success_var", "reward_var"):
+        torch.testing.assert_close(getattr(out.stats, name).cpu(), getattr(cpu.stats, name), atol=2e-4, rtol=2e-4)

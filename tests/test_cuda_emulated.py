@@ -18,7 +18,7 @@ from test_correctness import cases
 import bandadv
 from bandadv import AdvantageConfig
 from bandadv.advantages import _from_op_outputs
-from conftest import assert_matches_reference, make_offsets, random_rewards
+from conftest import assert_matches_cpu_kernel, assert_matches_reference, make_offsets, random_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 _LIBRARIES: list[torch.library.Library] = []  # the emulator's op definitions, alive for the session
@@ -57,16 +57,6 @@ def run_cpu(rewards, config, **layout):
     return bandadv.group_advantages(rewards, config=config, backend="cpu", return_index=True, **layout)
 
 
-def assert_same_selection(out, cpu):
-    """Exactly the CPU kernel's reasons, masks, counts and compaction; numbers close."""
-    for name in ("reason", "group_mask", "sample_mask", "num_kept", "kept_index"):
-        assert torch.equal(getattr(out, name), getattr(cpu, name)), name
-    assert torch.equal(out.stats.count, cpu.stats.count)
-    torch.testing.assert_close(out.advantages, cpu.advantages, atol=2e-4, rtol=2e-4)
-    for name in ("successes", "mean", "std", "pass_rate", "success_var", "reward_var"):
-        torch.testing.assert_close(getattr(out.stats, name), getattr(cpu.stats, name), atol=2e-4, rtol=2e-4)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_property_matches_reference(emulated, case):
@@ -90,7 +80,7 @@ def test_fixed_groups_match_the_cpu_kernel(emulated, group_size, dtype, aligned)
     rewards[torch.rand(rewards.shape, generator=gen) < 0.05] = float("nan")
     config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
     out = run_emulated(emulated, rewards, config, group_size=group_size)
-    assert_same_selection(out, run_cpu(rewards, config, group_size=group_size))
+    assert_matches_cpu_kernel(out, run_cpu(rewards, config, group_size=group_size))
 
 
 @pytest.mark.parametrize("max_threads", [256, 2048, 16384])
@@ -112,7 +102,7 @@ def test_many_blocks_in_flight(emulated, max_threads, scale):
             out = run_emulated(emulated, rewards, config, offsets=offsets, valid=valid)
         finally:
             emulated.configure(12288, 0)
-        assert_same_selection(out, cpu)
+        assert_matches_cpu_kernel(out, cpu)
 
 
 def test_nothing_kept(emulated):
@@ -130,7 +120,7 @@ def test_batch_std_merges_every_block(emulated, num_groups):
     rewards[-132:] *= 100.0  # the last tile changes the batch std visibly
     config = AdvantageConfig(scale="batch")
     out = run_emulated(emulated, rewards, config, group_size=132)
-    assert_same_selection(out, run_cpu(rewards, config, group_size=132))
+    assert_matches_cpu_kernel(out, run_cpu(rewards, config, group_size=132))
 
 
 def test_results_do_not_depend_on_block_order(emulated):
