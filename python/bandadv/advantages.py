@@ -9,7 +9,7 @@ import torch
 from . import ops
 from .config import OPTION_NAMES, AdvantageConfig
 from .reference import reference_group_advantages
-from .types import GroupAdvantages, GroupStats, _frozen
+from .types import GroupAdvantages, GroupStats
 
 Backend = Literal["auto", "cpu", "cuda", "triton", "torch"]
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -184,11 +184,9 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
 
 def _from_op_outputs(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
     adv, sample_mask, reason, group_mask, count, k, mean, std, p, pvar, rvar, num_kept, kept_index = outs
-    stats = _frozen(
-        GroupStats, count=count, successes=k, mean=mean, std=std, pass_rate=p, success_var=pvar, reward_var=rvar
-    )
-    return _frozen(
-        GroupAdvantages, advantages=adv, sample_mask=sample_mask, reason=reason, group_mask=group_mask, stats=stats,
+    stats = GroupStats(count=count, successes=k, mean=mean, std=std, pass_rate=p, success_var=pvar, reward_var=rvar)
+    return GroupAdvantages(
+        advantages=adv, sample_mask=sample_mask, reason=reason, group_mask=group_mask, stats=stats,
         num_kept=num_kept, kept_index=kept_index if return_index else None,
     )  # fmt: skip
 

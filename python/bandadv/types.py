@@ -8,15 +8,6 @@ from dataclasses import dataclass
 import torch
 
 
-def _frozen(cls, **fields):
-    """An instance of frozen dataclass `cls` from all of its fields, without the generated
-    __init__ (which sets each field through object.__setattr__: ~1.5 us for seven fields, a
-    noticeable share of a small op call). The classes here have no __post_init__."""
-    obj = object.__new__(cls)
-    obj.__dict__.update(fields)
-    return obj
-
-
 class Reason(enum.IntFlag):
     """Why a group was flagged; bits of the per-group ``reason`` code (csrc/group_math.h)."""
 
