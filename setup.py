@@ -42,6 +42,31 @@ def nvcc_flags() -> list[str]:
     return flags
 
 
+class BuildRecordingTorch(BuildExtension):
+    """Writes the torch version beside each extension (`_C....so.torch`), so that bandadv can
+    refuse to load a build made for another torch, whose C++ ABI differs (bandadv.ops)."""
+
+    def build_extension(self, ext):
+        record = self.get_ext_fullpath(ext.name) + ".torch"
+        try:
+            with open(record) as f:
+                built_for = f.read().strip()
+        except OSError:
+            built_for = None
+        if built_for != torch.__version__:
+            self.force = True  # setuptools would call a build for another torch up to date
+        super().build_extension(ext)
+        with open(record, "w") as f:
+            f.write(torch.__version__ + "\n")
+
+    def copy_extensions_to_source(self):  # in-place builds (pip install -e .) copy the record too
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            self.copy_file(regular_file + ".torch", inplace_file + ".torch", level=self.verbose)
+
+
 def extensions():
     if os.environ.get("BANDADV_SKIP_EXT") == "1":
         return []
@@ -74,5 +99,5 @@ setup(
         "bandadv.triton_kernels": "triton_kernels",
     },
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildRecordingTorch},
 )

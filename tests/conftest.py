@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -85,6 +86,12 @@ def run_both(rewards, *, backend: str, config: AdvantageConfig, return_index=Tru
 
 
 REQUIRE_EXTENSION = os.environ.get("BANDADV_REQUIRE_EXT") == "1"
+
+
+def extension_path() -> str | None:
+    """The compiled extension this Python loads (builds for other Pythons may sit beside it)."""
+    spec = importlib.util.find_spec("bandadv._C")
+    return spec.origin if spec is not None else None
 
 
 def assert_matches_cpu_kernel(out: GroupAdvantages, cpu: GroupAdvantages) -> None:

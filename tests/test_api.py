@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import bandadv
 from bandadv import AdvantageConfig, Reason
-from conftest import REQUIRE_EXTENSION, assert_matches_reference, make_offsets, random_rewards
+from conftest import REQUIRE_EXTENSION, assert_matches_reference, extension_path, make_offsets, random_rewards
 
 
 def test_readme_example_one_hit_in_sixteen():
@@ -178,6 +179,58 @@ def test_import_without_extension_warns_and_uses_reference():
     assert result.returncode == 0, result.stderr
     values = eval(result.stdout.strip().splitlines()[-1])
     assert values == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], rel=1e-5)
+
+
+def test_build_records_the_torch_it_was_built_for():
+    if not REQUIRE_EXTENSION:
+        pytest.skip("BANDADV_REQUIRE_EXT is not set")
+    assert bandadv.ops.built_for_torch(extension_path()) == torch.__version__
+
+
+@pytest.mark.skipif(extension_path() is None, reason="the extension was not built")
+def test_build_for_another_torch_is_not_loaded(tmp_path):
+    # A copy of the package whose build record names another torch: the extension is refused
+    # before it is loaded (one warning, one line, both versions, how to rebuild), CPU tensors run
+    # on the reference and CUDA tensors are sent to the Triton kernel.
+    package = tmp_path / "bandadv"
+    shutil.copytree(Path(bandadv.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(__file__).resolve().parents[1] / "triton_kernels", package / "triton_kernels")
+    (package / (Path(extension_path()).name + ".torch")).write_text("2.10.0+cu126\n")
+    code = f"""
+import sys, warnings
+sys.path.insert(0, {str(tmp_path)!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, bandadv
+assert bandadv.__file__.startswith({str(tmp_path)!r}), bandadv.__file__
+messages = [str(w.message) for w in caught if "bandadv" in str(w.message)]
+assert len(messages) == 1 and "\\n" not in messages[0], messages
+assert "built for torch 2.10.0+cu126" in messages[0] and f"torch {{torch.__version__}} is installed" in messages[0]
+assert "pip install" in messages[0], messages
+assert "bandadv._C" not in sys.modules and bandadv.ops.COMPILED == frozenset()
+rewards = torch.tensor([1.0, 0, 0, 1, 0.5, 0.2, 0.9, 0.9])
+out = bandadv.group_advantages(rewards, 4)
+ref = bandadv.reference_group_advantages(rewards, group_size=4)
+assert torch.allclose(out.advantages.double(), ref.advantages)
+
+from torch._subclasses.fake_tensor import FakeTensorMode
+chosen = []
+def record(*args, triton=False, **kwargs):
+    chosen.append(triton)
+    raise KeyboardInterrupt
+bandadv.ops.group_advantages_op = record
+with FakeTensorMode():
+    on_cuda = torch.rand(8, device="cuda")
+try:
+    bandadv.group_advantages(on_cuda, 4, validate=False)
+except KeyboardInterrupt:
+    pass
+assert chosen == [bandadv.ops.TRITON_AVAILABLE], chosen
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
 
 
 def test_readme_usage_example_runs():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bandadv
+from conftest import extension_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +30,12 @@ def test_cuda_kernel_registered_when_built():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("bandadv::group_advantages", "CUDA")
 
 
-def _extension_path() -> str | None:
-    paths = glob.glob(str(Path(bandadv.__file__).parent / "_C*.so"))
-    return paths[0] if paths else None
-
-
-@pytest.mark.skipif(shutil.which("objdump") is None or _extension_path() is None, reason="objdump or the .so missing")
+@pytest.mark.skipif(shutil.which("objdump") is None or extension_path() is None, reason="objdump or the .so missing")
 def test_avx_instructions_only_in_the_dispatched_kernel():
     # The CPU kernel is also compiled for AVX2 and called only where the CPU has it; an AVX
     # instruction anywhere else in the library would crash a baseline x86-64 CPU.
     listing = subprocess.run(
-        ["objdump", "-d", "--no-show-raw-insn", "-C", _extension_path()], check=True, capture_output=True, text=True
+        ["objdump", "-d", "--no-show-raw-insn", "-C", extension_path()], check=True, capture_output=True, text=True
     ).stdout
     function, outside, inside = "", set(), 0
     for line in listing.splitlines():

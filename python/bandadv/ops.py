@@ -30,14 +30,42 @@ GROUP_ADVANTAGES_SCHEMA = (
 _lib = torch.library.Library("bandadv", "DEF")
 _lib.define(GROUP_ADVANTAGES_SCHEMA)
 
-EXTENSION_ERROR: str | None = None
-try:
-    from . import _C  # noqa: F401  (loading it registers the compiled kernels)
-except ImportError as error:  # the package still works, on the reference
-    EXTENSION_ERROR = str(error)
+
+def built_for_torch(extension_path: str) -> str | None:
+    """The torch version a compiled extension was built against, from the `.torch` file that
+    setup.py writes beside it (None for a build without one)."""
+    try:
+        with open(extension_path + ".torch") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _load_extension() -> str | None:
+    """Loads bandadv._C, whose loading registers the compiled kernels; returns why not, or None.
+    A build made for another torch is not loaded at all: torch's C++ ABI changes between
+    releases, so it would fail on a missing symbol at best and miscompute at worst."""
+    spec = importlib.util.find_spec("bandadv._C")
+    if spec is None or spec.origin is None:
+        return "bandadv._C is not built"
+    built_for = built_for_torch(spec.origin)
+    if built_for is not None and built_for != torch.__version__:
+        return f"bandadv._C was built for torch {built_for}, but torch {torch.__version__} is installed"
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+
+EXTENSION_ERROR: str | None = _load_extension()
+if EXTENSION_ERROR is not None:  # the package still works, on the reference (and Triton for CUDA tensors)
     warnings.warn(
-        f"bandadv: compiled kernels not available ({error}); using the float64 torch reference. "
-        "Build them with `pip install -e . --no-build-isolation`.",
+        f"bandadv: compiled kernels not available ({EXTENSION_ERROR}); using the float64 torch reference"
+        + (" on CPU tensors and the Triton kernel on CUDA tensors" if TRITON_AVAILABLE else "")
+        + ". Rebuild for this torch: pip install -e . --no-build-isolation",
         stacklevel=2,
     )
 
@@ -162,8 +190,6 @@ def _group_advantages_fake(
 
 
 # --- Triton --------------------------------------------------------------------------------
-
-TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
 
 def triton_available() -> bool:
