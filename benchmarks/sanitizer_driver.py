@@ -1,11 +1,15 @@
 """Small calls of the CUDA kernel for compute-sanitizer (memcheck, racecheck): every layout,
 team shape, load width and option path once, on shapes small enough to run under
-instrumentation."""
+instrumentation. BANDADV_CHECK_DEVICE=cpu runs the same calls on the CPU kernel (gpu_check.sh's
+dry run)."""
+
+import os
 
 import torch
 
 import bandadv
 
+device = os.environ.get("BANDADV_CHECK_DEVICE", "cuda")
 gen = torch.Generator().manual_seed(0)
 cases = []
 for g in (1, 3, 16, 32, 33, 200, 1500):
@@ -18,13 +22,14 @@ sizes = [0, 1, 2, 31, 33, 500, 0, 1400]
 offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
 cases.append(({"offsets": offsets}, torch.rand(sum(sizes), generator=gen), 0))
 for layout, rewards, skip in cases:
-    layout = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
-    rewards = rewards.cuda()[skip:]  # skip: the first element off, leaving the rest misaligned
-    valid = torch.rand(rewards.shape, device="cuda") > 0.2
+    layout = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
+    rewards = rewards.to(device)[skip:]  # skip: the first element off, leaving the rest misaligned
+    valid = torch.rand(rewards.shape, device=device) > 0.2
     for scale in ("group", "batch"):
-        bandadv.group_advantages(rewards, backend="cuda", scale=scale, band=(0.1, 0.9), return_index=True, **layout)
+        bandadv.group_advantages(rewards, backend=device, scale=scale, band=(0.1, 0.9), return_index=True, **layout)
         bandadv.group_advantages(
-            rewards.half(), backend="cuda", valid=valid, success=valid, return_index=True, **layout
+            rewards.half(), backend=device, valid=valid, success=valid, return_index=True, **layout
         )
-torch.cuda.synchronize()
+if device == "cuda":
+    torch.cuda.synchronize()
 print("sanitizer driver: ok")
