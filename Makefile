@@ -3,14 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
+PINS ?=
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup build simulate compare demo bench test lint format clean
+# The oldest supported torch, as on the GPU machine that benchmarks/gpu_check.sh targets: Python
+# 3.12, torch 2.11.0, Triton 3.6.0. Triton 3.6's interpreter calls int() on one-element arrays,
+# which NumPy 2.4 refuses (Triton 3.8 fixed it), so its tests run with NumPy < 2.4.
+OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+OLDEST := PYTHON=$(OLDEST_PYTHON) VENV=.venv-oldest TORCH=torch==2.11.0 PINS="'triton==3.6.0' 'numpy<2.4'"
+
+.PHONY: setup build simulate compare demo bench test test-oldest gpu-check-dry-run lint format clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib $(PINS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/* csrc/cuda/*)
@@ -35,6 +42,17 @@ bench: build
 test: build
 	BANDADV_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 
+# The whole suite again on the oldest supported torch, in its own .venv-oldest (the in-place
+# builds of two Pythons sit side by side: _C.cpython-3XX-....so).
+test-oldest:
+	$(MAKE) test $(OLDEST)
+
+# benchmarks/gpu_check.sh on the CPU, with the GPU machine's Python, torch and Triton (run
+# test-oldest first): every step but what needs the device.
+gpu-check-dry-run:
+	$(MAKE) build $(OLDEST)
+	GPU_CHECK_DRY_RUN=1 PYTHON=.venv-oldest/bin/python bash benchmarks/gpu_check.sh
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -44,4 +62,4 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf build python/bandadv/_C*.so *.egg-info python/*.egg-info
+	rm -rf build python/bandadv/_C*.so python/bandadv/_C*.torch *.egg-info python/*.egg-info
