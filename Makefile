@@ -12,7 +12,7 @@ export CUDA_HOME ?= /usr/local/cuda
 OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 OLDEST := PYTHON=$(OLDEST_PYTHON) VENV=.venv-oldest TORCH=torch==2.11.0 PINS="'triton==3.6.0' 'numpy<2.4'"
 
-.PHONY: setup build simulate compare demo bench test test-oldest gpu-check-dry-run lint format clean
+.PHONY: setup build simulate compare demo bench test test-oldest test-other-torch gpu-check-dry-run lint format clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,16 @@ test: build
 # builds of two Pythons sit side by side: _C.cpython-3XX-....so).
 test-oldest:
 	$(MAKE) test $(OLDEST)
+
+# This build loaded under another torch (torch 2.11.0 beside the same Python, in .venv-other-torch):
+# refused at import with one line, not loaded.
+.venv-other-torch/.deps:
+	test -x .venv-other-torch/bin/python || $(PYTHON) -m venv .venv-other-torch
+	.venv-other-torch/bin/python -m pip install -q torch==2.11.0
+	touch $@
+
+test-other-torch: build .venv-other-torch/.deps
+	BANDADV_OTHER_TORCH_PYTHON=.venv-other-torch/bin/python $(PY) -m pytest -q tests/test_api.py -k another_torch
 
 # benchmarks/gpu_check.sh on the CPU, with the GPU machine's Python, torch and Triton (run
 # test-oldest first): every step but what needs the device.

@@ -188,14 +188,23 @@ def test_build_records_the_torch_it_was_built_for():
 
 
 @pytest.mark.skipif(extension_path() is None, reason="the extension was not built")
-def test_build_for_another_torch_is_not_loaded(tmp_path):
-    # A copy of the package whose build record names another torch: the extension is refused
-    # before it is loaded (one warning, one line, both versions, how to rebuild), CPU tensors run
-    # on the reference and CUDA tensors are sent to the Triton kernel.
+@pytest.mark.parametrize("other", ["recorded", "installed"])
+def test_build_for_another_torch_is_not_loaded(tmp_path, other):
+    # A copy of the package and this build, run where the build's torch is not the installed one:
+    # "recorded", this torch with a build record naming another; "installed", another torch
+    # beside this Python (BANDADV_OTHER_TORCH_PYTHON, made by `make test-other-torch`) with this
+    # build as it is. The extension is refused before it is loaded (one warning of one line,
+    # both versions, how to rebuild); CPU tensors run on the reference, CUDA tensors go to Triton.
     package = tmp_path / "bandadv"
     shutil.copytree(Path(bandadv.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(Path(__file__).resolve().parents[1] / "triton_kernels", package / "triton_kernels")
-    (package / (Path(extension_path()).name + ".torch")).write_text("2.10.0+cu126\n")
+    if other == "recorded":
+        python, built_for = sys.executable, "2.10.0+cu126"
+        (package / (Path(extension_path()).name + ".torch")).write_text(built_for + "\n")
+    else:
+        python, built_for = os.environ.get("BANDADV_OTHER_TORCH_PYTHON"), torch.__version__
+        if not python:
+            pytest.skip("BANDADV_OTHER_TORCH_PYTHON is not set (make test-other-torch sets it)")
     code = f"""
 import sys, warnings
 sys.path.insert(0, {str(tmp_path)!r})
@@ -203,9 +212,11 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch, bandadv
 assert bandadv.__file__.startswith({str(tmp_path)!r}), bandadv.__file__
+assert sys.version_info[:2] == {tuple(sys.version_info[:2])!r}, "another Python cannot load this build at all"
+assert torch.__version__ != {built_for!r}, torch.__version__
 messages = [str(w.message) for w in caught if "bandadv" in str(w.message)]
 assert len(messages) == 1 and "\\n" not in messages[0], messages
-assert "built for torch 2.10.0+cu126" in messages[0] and f"torch {{torch.__version__}} is installed" in messages[0]
+assert "built for torch {built_for}" in messages[0] and f"torch {{torch.__version__}} is installed" in messages[0]
 assert "pip install" in messages[0], messages
 assert "bandadv._C" not in sys.modules and bandadv.ops.COMPILED == frozenset()
 rewards = torch.tensor([1.0, 0, 0, 1, 0.5, 0.2, 0.9, 0.9])
@@ -226,11 +237,11 @@ try:
 except KeyboardInterrupt:
     pass
 assert chosen == [bandadv.ops.TRITON_AVAILABLE], chosen
-print("ok")
+print("ok", torch.__version__)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().startswith("ok"), result.stderr
 
 
 def test_readme_usage_example_runs():
