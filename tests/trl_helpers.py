@@ -49,7 +49,10 @@ def vowel_reward(completions, **kwargs) -> list[float]:
 
 def coin_success(completions, level, **kwargs) -> list[float]:
     """0/1 success that depends on the prompt (level 0 prompts always succeed) and the text."""
-    return [1.0 if lv == 0 else float(hash(text) % (lv + 1) == 0) for text, lv in zip(completions, level, strict=True)]
+    return [
+        1.0 if lv == 0 else float(sum(map(ord, text)) % (lv + 1) == 0)
+        for text, lv in zip(completions, level, strict=True)
+    ]
 
 
 def base_args(output_dir, **overrides) -> dict:
@@ -57,7 +60,7 @@ def base_args(output_dir, **overrides) -> dict:
         output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", seed=0, learning_rate=1e-2,
         per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4,
         max_completion_length=8, max_steps=3, logging_steps=1, save_strategy="no", temperature=1.0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0,
     )  # fmt: skip
     args.update(overrides)
     return args
@@ -69,3 +72,11 @@ def state_hash(tracker) -> str:
         h.update(name.encode())
         h.update(tracker.state[name].cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def save_tiny_model(path) -> str:
+    """Saves the tiny model and tokenizer to `path` (so that RLOO can load its reference model)."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
