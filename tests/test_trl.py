@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REQUIRE_EXTENSION
+from trl_helpers import base_args, coin_success, save_tiny_model, state_hash, tiny_dataset, vowel_reward
 
 if REQUIRE_EXTENSION:  # make test / CI: the TRL tests must run, never skip
     import trl
@@ -27,9 +28,6 @@ from bandadv.integrations.trl import (
     BandRLOOConfig,
     BandRLOOTrainer,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from trl_helpers import base_args, coin_success, save_tiny_model, state_hash, tiny_dataset, vowel_reward  # noqa: E402
 
 REWARDS = [vowel_reward, coin_success]
 
@@ -108,16 +106,10 @@ def test_rloo_reproduces_stock_trainer(model_dir, tmp_path, beta):
         assert min(logged(band, "kl")[1:]) > 0  # the KL term was live after the first update
 
 
-def generation_batch(trainer) -> dict:
-    """One training generation batch through the trainer's own _generate_and_score_completions."""
-    trainer.model.train()
-    batch = next(iter(trainer.get_train_dataloader()))
-    return trainer._generate_and_score_completions(batch)
-
-
 def loss_and_grads(trainer, inputs: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     trainer.model.zero_grad()
-    sub = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows.numel() else v
+    n = inputs["advantages"].shape[0]
+    sub = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
            for k, v in inputs.items()}  # fmt: skip
     sub["num_items_in_batch"] = inputs["num_items_in_batch"]
     loss = trainer.compute_loss(trainer.model, sub)
@@ -126,21 +118,29 @@ def loss_and_grads(trainer, inputs: dict, rows: torch.Tensor) -> tuple[torch.Ten
     return loss.detach(), grads
 
 
+def half_success(completions, level, **kwargs) -> list[float]:
+    """Level-0 prompts always succeed (above any band); others succeed on every other sample."""
+    return [1.0 if lv == 0 else float(i % 2) for i, lv in enumerate(level)]
+
+
 @pytest.mark.parametrize("mask_loss", [True, False])
 def test_band_masks_gradient_normaliser_and_metrics(model_dir, tmp_path, mask_loss):
     trainer = make_trainer(
-        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, band=[0.2, 0.8], success_reward="coin_success",
-        mask_loss=mask_loss, max_steps=2,
+        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, reward_funcs=[vowel_reward, half_success],
+        band=[0.2, 0.8], success_reward="half_success", mask_loss=mask_loss, max_steps=2,
     )  # fmt: skip
     trainer.train()  # the bandadv/* metrics reach TRL's log
     keys = bandadv.group_advantages(torch.rand(8), 4).metrics().keys()
     for key in keys:
         assert len(logged(trainer, f"bandadv/{key}")) == 2, key
-    assert max(logged(trainer, "bandadv/above_band_fraction")) > 0  # level-0 prompts always succeed
 
     trainer.current_gradient_accumulation_steps = 1
-    inputs = generation_batch(trainer)
+    trainer.model.train()
+    batch = [trainer.train_dataset[i] for i in (0, 1, 4, 2) for _ in range(4)]  # levels 0, 1, 0, 2
+    inputs = trainer._generate_and_score_completions(batch)
     out = trainer._bandadv_last["result"]
+    assert out.reason.tolist() == [int(bandadv.Reason.ABOVE_BAND), 0, int(bandadv.Reason.ABOVE_BAND), 0]
+    assert trainer._metrics["train"]["bandadv/above_band_fraction"][-1] == 0.5
     keep = out.sample_mask
     assert 0 < int(keep.sum()) < keep.numel(), "the batch must have masked and kept groups"
     assert torch.equal(out.group_mask.repeat_interleave(4), keep)
@@ -195,21 +195,25 @@ def test_thompson_selection_follows_tracker_with_one_batch_lag(model_dir, tmp_pa
     seen: list[list[int]] = []
     trainer = make_trainer(
         BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, reward_funcs=[vowel_reward, recording_reward(seen)],
-        **selection_args(max_steps=16),
+        tracker=bandadv.PromptTracker(16, decay=1.0), **selection_args(max_steps=24),
     )  # fmt: skip
     trainer.train()
     log = trainer._bandadv_sampler.selection_log
-    assert len(seen) == 16
+    assert len(seen) == 24
     # the prompts generated are the chunks the tracker chose, in order
-    assert seen == [sorted(entry["rows"]) for entry in log[:16]]
-    # chunk t was drawn while batch t-1 was being handed out: the tracker knew batches 0..t-2
-    assert [entry["tracker_visits"] for entry in log[:16]] == [0] + [2 * t for t in range(15)]
+    assert seen == [sorted(entry["rows"]) for entry in log[:24]]
+    # chunk t was drawn while batch t-1 was being handed out (the loader fetches one ahead): the
+    # tracker knew batches 0..t-2. An epoch's first chunk (8 chunks of 2 prompts an epoch) is drawn
+    # when the epoch starts, after every earlier batch was scored.
+    expected = [2 * t if t % 8 == 0 else 2 * (t - 1) for t in range(24)]
+    assert [entry["tracker_visits"] for entry in log[:24]] == expected
     # level-0 prompts (every fourth) always succeed: far from target 0.5, so chosen less often than
-    # uniformly (a uniform sampler takes each prompt once per 8 batches: 8 of 32 picks here)
-    always_correct = sum(sum(1 for i in ids if i % 4 == 0) for ids in seen)
-    assert always_correct <= 4, always_correct
+    # uniformly.        # In epochs 2 and 3 (chunks 8..23), once every prompt has been seen, RepeatSampler would take
+    # the four level-0 prompts 8 times.
+    always_correct = [sum(1 for i in ids if i % 4 == 0) for ids in seen]
+    assert sum(always_correct[8:]) <= 2, always_correct
     visits = trainer._bandadv_tracker.state["visits"][:16]
-    assert int(visits.sum()) == 32
+    assert int(visits.sum()) == 48
 
 
 def test_resume_continues_the_same_selection(model_dir, tmp_path):
@@ -301,7 +305,7 @@ def test_unknown_option_is_refused_by_the_parser(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false"]
     (args,) = parser.parse_args_into_dataclasses([*argv, "--band", "0.1", "0.9", "--prompt_selection", "thompson"])
     assert args.band == [0.1, 0.9] and args.prompt_selection == "thompson"
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="bandd"):
         parser.parse_args_into_dataclasses([*argv, "--bandd", "0.1", "0.9"])
     with pytest.raises(TypeError, match="bandd"):
         BandGRPOConfig(**base_args(tmp_path), bandd=[0.1, 0.9])
