@@ -208,8 +208,8 @@ def test_thompson_selection_follows_tracker_with_one_batch_lag(model_dir, tmp_pa
     expected = [2 * t if t % 8 == 0 else 2 * (t - 1) for t in range(24)]
     assert [entry["tracker_visits"] for entry in log[:24]] == expected
     # level-0 prompts (every fourth) always succeed: far from target 0.5, so chosen less often than
-    # uniformly.        # In epochs 2 and 3 (chunks 8..23), once every prompt has been seen, RepeatSampler would take
-    # the four level-0 prompts 8 times.
+    # uniformly: in epochs 2 and 3 (chunks 8..23), once every prompt has been seen, RepeatSampler
+    # would take the four level-0 prompts 8 times.
     always_correct = [sum(1 for i in ids if i % 4 == 0) for ids in seen]
     assert sum(always_correct[8:]) <= 2, always_correct
     visits = trainer._bandadv_tracker.state["visits"][:16]
