@@ -198,7 +198,7 @@ def test_thompson_selection_follows_tracker_with_one_batch_lag(model_dir, tmp_pa
         tracker=bandadv.PromptTracker(16, decay=1.0), **selection_args(max_steps=24),
     )  # fmt: skip
     trainer.train()
-    log = trainer._bandadv_sampler.selection_log
+    log = list(trainer._bandadv_sampler.selection_log)
     assert len(seen) == 24
     # the prompts generated are the chunks the tracker chose, in order
     assert seen == [sorted(entry["rows"]) for entry in log[:24]]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,7 +180,7 @@ class TrackerRepeatSampler(Sampler[int]):
         self.epoch = 0
         self.drawn: dict[tuple[int, int], list[int]] = {}  # (epoch, chunk) -> rows, most recent few
         self.replay: dict[tuple[int, int], list[int]] = {}
-        self.selection_log: list[dict[str, Any]] = []  # what each draw saw, for tests and debugging
+        self.selection_log: deque[dict[str, Any]] = deque(maxlen=256)  # the latest draws and what they saw
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -225,6 +226,10 @@ class _BandAdvMixin:
         bound = inspect.signature(trainer_class.__init__).bind(self, *args, **kwargs)
         params = bound.arguments
         config = params.get("args")
+        if config is None:  # as the stock trainer: a default config named after the model
+            model = params["model"]
+            name = model if isinstance(model, str) else model.config._name_or_path
+            config = params["args"] = self._config_class(f"{name.split('/')[-1]}-{trainer_class.__name__[:-7]}")
         if not isinstance(config, self._config_class):
             raise TypeError(
                 f"args must be a {self._config_class.__name__} (a {trainer_class.__name__[:-7]}Config with bandadv's "
@@ -234,7 +239,7 @@ class _BandAdvMixin:
             raise TypeError(f"tracker must be a bandadv.PromptTracker, got {type(tracker).__name__}")
         self._bandadv_check_trainer_options(config)
         uses_tracker = tracker is not None or config.prompt_selection is not None
-        dataset = params.get("train_dataset")
+        dataset, ids = params.get("train_dataset"), None
         if uses_tracker:
             dataset, ids = _prompt_ids(dataset, config, tracker)
             params["train_dataset"] = dataset
@@ -242,7 +247,7 @@ class _BandAdvMixin:
                 tracker = PromptTracker(len(dataset), model=config.tracker_model)
         self._bandadv_tracker = tracker
         self._bandadv_id_column = (config.prompt_id_column or PROMPT_ID_COLUMN) if uses_tracker else None
-        self._bandadv_ids = ids if uses_tracker else None
+        self._bandadv_ids = ids
         self._bandadv_sampler: TrackerRepeatSampler | None = None
         self._bandadv_replay: dict = {}
         self._bandadv_captured: dict[str, Any] = {}
@@ -255,9 +260,6 @@ class _BandAdvMixin:
         self._bandadv_success_index = (
             self.reward_func_names.index(config.success_reward) if config.success_reward is not None else None
         )
-        if tracker is not None and tracker.device != self.accelerator.device:
-            if tracker.device.type != self.accelerator.device.type:
-                raise ValueError(f"tracker lives on {tracker.device}, the trainer on {self.accelerator.device}")
 
     def _bandadv_check_trainer_options(self, config) -> None:
         """Trainer options bandadv cannot honour, refused before the model is built."""
@@ -288,7 +290,9 @@ class _BandAdvMixin:
         success = None
         if self._bandadv_success_index is not None:
             success = rewards_per_func[:, self._bandadv_success_index]
-        group_ids = self._bandadv_group_ids(inputs, group_size) if self._bandadv_tracker is not None else None
+        group_ids = None  # the tracker follows training batches only (eval rows carry no prompt id)
+        if self._bandadv_tracker is not None and mode == "train":
+            group_ids = self._bandadv_group_ids(inputs, group_size)
         prior = None
         if group_ids is not None and self.args.accidental_max_successes > 0:
             prior = self._bandadv_tracker.prior(group_ids)
@@ -305,7 +309,7 @@ class _BandAdvMixin:
         for _ in range(min(len(logged), out.advantages.numel())):
             logged.pop()
         logged.extend(out.advantages.tolist())
-        if group_ids is not None and mode == "train":
+        if group_ids is not None:
             self._bandadv_tracker.update(group_ids, out, self.state.global_step)
         self._bandadv_last = {"rewards": rewards, "success": success, "result": out, "group_ids": group_ids}
         return output
@@ -322,7 +326,7 @@ class _BandAdvMixin:
 
     # -- prompt selection -----------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
-        if self.args.prompt_selection is None or dataset not in (None, self.train_dataset):
+        if self.args.prompt_selection is None or (dataset is not None and dataset is not self.train_dataset):
             return super()._get_train_sampler(dataset)
         self._bandadv_sampler = TrackerRepeatSampler(
             self._bandadv_tracker,
@@ -434,7 +438,7 @@ class BandGRPOTrainer(_BandAdvMixin, trl.GRPOTrainer):
         completion_mask = output["completion_mask"]
         keep = keep.to(completion_mask.dtype).unsqueeze(1)
         tool_mask = output.get("tool_mask")
-        output["tool_mask"] = keep.expand_as(completion_mask) if tool_mask is None else tool_mask * keep
+        output["tool_mask"] = keep * (torch.ones_like(completion_mask) if tool_mask is None else tool_mask)
         loss_mask = completion_mask * output["tool_mask"]
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
 
