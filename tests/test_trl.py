@@ -118,15 +118,35 @@ def loss_and_grads(trainer, inputs: dict, rows: torch.Tensor) -> tuple[torch.Ten
     return loss.detach(), grads
 
 
+def test_rloo_with_band_and_selection(model_dir, tmp_path):
+    seen: list[list[int]] = []
+    trainer = make_trainer(
+        BandRLOOTrainer, BandRLOOConfig, model_dir, tmp_path, reward_funcs=[vowel_reward, recording_reward(seen)],
+        beta=0.0, band=[0.2, 0.8], **selection_args(max_steps=3),
+    )  # fmt: skip
+    trainer.train()
+    assert len(logged(trainer, "bandadv/kept_fraction")) == 3
+    assert seen == [sorted(entry["rows"]) for entry in list(trainer._bandadv_sampler.selection_log)[:3]]
+    assert int(trainer._bandadv_tracker.state["visits"].sum()) == 6
+    out = trainer._bandadv_last["result"]
+    assert bool((out.advantages[~out.sample_mask] == 0).all())
+
+
 def half_success(completions, level, **kwargs) -> list[float]:
     """Level-0 prompts always succeed (above any band); others succeed on every other sample."""
     return [1.0 if lv == 0 else float(i % 2) for i, lv in enumerate(level)]
 
 
+def bonus(completions, **kwargs) -> list[float]:
+    """A constant shaping reward: total reward > 0.5 everywhere, so success must come from
+    success_reward's function, not from the total."""
+    return [0.6] * len(completions)
+
+
 @pytest.mark.parametrize("mask_loss", [True, False])
 def test_band_masks_gradient_normaliser_and_metrics(model_dir, tmp_path, mask_loss):
     trainer = make_trainer(
-        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, reward_funcs=[vowel_reward, half_success],
+        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, reward_funcs=[vowel_reward, half_success, bonus],
         band=[0.2, 0.8], success_reward="half_success", mask_loss=mask_loss, max_steps=2,
     )  # fmt: skip
     trainer.train()  # the bandadv/* metrics reach TRL's log
@@ -307,6 +327,8 @@ def test_unknown_option_is_refused_by_the_parser(tmp_path):
     assert args.band == [0.1, 0.9] and args.prompt_selection == "thompson"
     with pytest.raises(ValueError, match="bandd"):
         parser.parse_args_into_dataclasses([*argv, "--bandd", "0.1", "0.9"])
+    (args,) = trl.TrlParser(BandGRPOConfig).parse_args_and_config([*argv, "--min_std", "0.01", "--mask_loss", "false"])
+    assert args.min_std == 0.01 and args.mask_loss is False
     with pytest.raises(TypeError, match="bandd"):
         BandGRPOConfig(**base_args(tmp_path), bandd=[0.1, 0.9])
 
