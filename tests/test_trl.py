@@ -236,6 +236,22 @@ def test_thompson_selection_follows_tracker_with_one_batch_lag(model_dir, tmp_pa
     assert int(visits.sum()) == 48
 
 
+@pytest.mark.parametrize(("accumulation", "workers"), [(2, 0), (1, 1)])
+def test_selection_lag(model_dir, tmp_path, accumulation, workers):
+    """The lag the adapter documents: chunk t is drawn when the tracker knows batches up to
+    t - 2 - workers * prefetch_factor (2), or every earlier epoch's batches, whichever is more."""
+    trainer = make_trainer(
+        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, gradient_accumulation_steps=accumulation,
+        dataloader_num_workers=workers, **selection_args(max_steps=6),
+    )  # fmt: skip
+    trainer.train()
+    prompts = 8 * accumulation // 4  # per generation batch: per_device 8 x accumulation, 4 generations each
+    chunks_per_epoch = 16 // prompts
+    visits = [entry["tracker_visits"] for entry in trainer._bandadv_sampler.selection_log]
+    expected = [prompts * max(t - t % chunks_per_epoch, t - 1 - 2 * workers) if t else 0 for t in range(len(visits))]
+    assert len(visits) >= 6 and visits == expected
+
+
 def test_resume_continues_the_same_selection(model_dir, tmp_path):
     seen_full: list[list[int]] = []
     args = selection_args(max_steps=6, save_strategy="steps", save_steps=3)

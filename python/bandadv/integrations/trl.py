@@ -28,12 +28,13 @@ What changes against the stock trainer, and nothing else:
 - Metrics: every key of `GroupAdvantages.metrics()` as `bandadv/<key>` in TRL's metric dict.
 - Prompt selection (`prompt_selection`): a sampler with RepeatSampler's layout whose chunks
   `PromptTracker.select` picks; the tracker is updated from every training generation batch with
-  the gathered prompt ids. Accelerate's data loader fetches one batch ahead, so with
-  `steps_per_generation * num_iterations == 1` the prompts of generation batch t are chosen
-  before the rewards of batch t - 1 are in: the tracker then knows batches 0..t-2 (one batch of
-  lag; with more steps per generation the chunk is drawn after the previous one was scored;
-  `dataloader_num_workers > 0` prefetches further). Every rank runs the same sampler with the
-  same seed on the same gathered data, so ranks hold bit-identical trackers without a broadcast.
+  the gathered prompt ids. The data loader runs ahead of training (accelerate fetches one batch
+  ahead, and the Trainer takes a whole accumulation window at once), so the prompts of
+  generation batch t are chosen before batch t - 1 is scored: the tracker then knows batches
+  0..t-2, one generation batch of lag (each epoch's first chunks are drawn when the epoch starts,
+  with no lag; `dataloader_num_workers=w` prefetches w * prefetch_factor batches more). Every
+  rank runs the same sampler with the same seed on the same gathered data, so ranks hold
+  bit-identical trackers without a broadcast.
   Checkpoints carry the tracker and the chunks already drawn, so a resumed run selects exactly
   what the uninterrupted run would have.
 """
