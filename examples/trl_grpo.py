@@ -88,6 +88,7 @@ def main() -> None:
         seed=cli.seed,
         learning_rate=1e-3 if tiny else 1e-6,
         per_device_train_batch_size=16,
+        gradient_accumulation_steps=1 if tiny else 4,  # a real model: 64 completions, 4 prompts x 16, a step
         num_generations=8 if tiny else 16,
         max_completion_length=4 if tiny else 64,
         use_cpu=tiny,
