@@ -400,3 +400,13 @@ def test_bandadv_imports_without_trl():
         capture_output=True, text=True,
     )  # fmt: skip
     assert fails.returncode != 0 and "trl" in fails.stderr
+
+
+def test_example_script_runs(tmp_path):
+    script = Path(__file__).parent.parent / "examples" / "trl_grpo.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--max_steps", "5", "--num_prompts", "16", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step    5" in result.stdout and "kept" in result.stdout
