@@ -93,10 +93,10 @@ def test_grpo_reproduces_stock_trainer(model_dir, tmp_path, scale_rewards):
     assert_reproduces(stock, band)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_rloo_reproduces_stock_trainer(model_dir, tmp_path, beta):
-    """beta > 0: RLOO folds the KL into the reward; bandadv sees that same reward."""
-    args = dict(beta=beta, gradient_accumulation_steps=2)
+@pytest.mark.parametrize(("beta", "clip"), [(0.0, None), (0.05, [0.1, 1.1])])
+def test_rloo_reproduces_stock_trainer(model_dir, tmp_path, beta, clip):
+    """beta > 0: RLOO folds the KL into the (clipped) reward; bandadv sees that same reward."""
+    args = dict(beta=beta, reward_clip_range=clip, gradient_accumulation_steps=2)
     stock = make_trainer(trl.RLOOTrainer, trl.RLOOConfig, model_dir, tmp_path / "stock", **args)
     stock.train()
     band = make_trainer(BandRLOOTrainer, BandRLOOConfig, model_dir, tmp_path / "band", **args)
