@@ -179,7 +179,7 @@ class TrackerRepeatSampler(Sampler[int]):
         self.strategy, self.seed = strategy, seed
         self.num_chunks = len(prompt_ids) // batch_size
         self.epoch = 0
-        self.drawn: dict[tuple[int, int], list[int]] = {}  # (epoch, chunk) -> rows, most recent few
+        self.drawn: dict[tuple[int, int], list[int]] = {}  # (epoch, chunk) -> rows, the latest 64
         self.replay: dict[tuple[int, int], list[int]] = {}
         self.selection_log: deque[dict[str, Any]] = deque(maxlen=256)  # the latest draws and what they saw
 
@@ -199,7 +199,7 @@ class TrackerRepeatSampler(Sampler[int]):
             ids = self.tracker.select(self.prompt_ids, self.batch_size, self.strategy, gen, validate=False)
             rows = [self.row_of_id[i] for i in ids.tolist()]
         self.drawn[key] = rows
-        for old in sorted(self.drawn)[:-4]:
+        for old in sorted(self.drawn)[:-64]:  # more than any loader prefetches
             del self.drawn[old]
         visits = int(self.tracker.state["visits"][: self.tracker.num_prompts].sum())
         self.selection_log.append({"epoch": epoch, "chunk": chunk, "rows": rows, "tracker_visits": visits})
