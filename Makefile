@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 PINS ?=
+# The TRL adapter's tests run TRL's trainers; pinned together (the adapter uses TRL 1.16 internals).
+TRL ?= trl==1.16.0 transformers==5.24.0 accelerate==1.15.0 datasets==5.2.0
 export CUDA_HOME ?= /usr/local/cuda
 
 # The oldest supported torch, as on the GPU machine that benchmarks/gpu_check.sh targets: Python
@@ -18,6 +20,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib $(PINS)
+	$(PY) -m pip install -q $(TRL) $(PINS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/* csrc/cuda/*)
