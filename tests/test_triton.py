@@ -50,16 +50,16 @@ def test_triton_op_registers_and_runs():
     # On a GPU machine this op is what backend="triton" calls. Here it registers and runs its
     # interpreted kernels on CPU tensors; its fake path (triton_op traces the launcher through
     # wrap_triton) needs compiled kernels, so opcheck and torch.compile of it run in test_gpu.py.
+    if not hasattr(torch.ops.bandadv, "group_advantages_triton"):
+        bandadv.ops._register_triton_op()
+    op = torch.ops.bandadv.group_advantages_triton.default
+    assert "float[]? band" in str(op._schema) and str(op._schema).count("Tensor") >= 17
     from bandadv.triton_kernels.group_advantage import _group_advantages_fwd_kernel
 
     try:
         torch.library.wrap_triton(_group_advantages_fwd_kernel)
     except RuntimeError as error:  # torch < 2.14 with Triton 3.6: "only works on functions annotated with triton.jit"
-        pytest.skip(f"this torch's wrap_triton refuses interpreted kernels ({error})")
-    if not hasattr(torch.ops.bandadv, "group_advantages_triton"):
-        bandadv.ops._register_triton_op()
-    op = torch.ops.bandadv.group_advantages_triton.default
-    assert "float[]? band" in str(op._schema) and str(op._schema).count("Tensor") >= 17
+        pytest.skip(f"registered; not run: this torch's wrap_triton refuses interpreted kernels ({error})")
     config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
     rewards = random_rewards(48, "ternary", torch.Generator().manual_seed(0))
     args = (rewards, 0, make_offsets([5, 0, 1, 12, 30]), None, None, torch.rand(5))
