@@ -36,9 +36,13 @@ constexpr int64_t kChunk = 1024;
 constexpr int64_t kTile = 64;
 constexpr int64_t kStage = 4096;
 static_assert(kChunk <= kStage);
-// Samples per parallel task, at least. Each group's results depend on that group alone, so
-// how the groups are split among threads never changes a result.
-constexpr int64_t kGrainSamples = 2048;
+// Samples per parallel task, at least: PyTorch's own grain (at::internal::GRAIN_SIZE). A task
+// is ~50 us of work here; smaller ones gain nothing on an idle machine and, on a busy one, make
+// every call wait at the OpenMP barrier for a descheduled thread (measured on the 2-core CI VM
+// beside two busy processes, 512x16 per call: 12 ms median with 2048-sample tasks on 2 threads,
+// 24 us on one). Each group's results depend on that group alone, so how the groups are split
+// among threads never changes a result.
+constexpr int64_t kGrainSamples = 32768;
 
 // Explicit SIMD through the GCC/Clang vector extensions, kBytes wide: 16 (SSE2, the x86-64
 // baseline the wheel targets) or, on CPUs that have it, 32 (AVX2; see kernel_range_avx2).
