@@ -3,6 +3,8 @@ test (correctness, presets, API, errors) under TRITON_INTERPRET=1 on the CPU; se
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,3 +69,33 @@ def test_triton_op_registers_and_runs():
     ref = torch.ops.bandadv.group_advantages.default(*args, **config.op_kwargs(), return_index=True)
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _header_constants() -> dict[str, float]:
+    """kName = value pairs of csrc/group_math.h (its enums and constexprs), by name."""
+    import re
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "group_math.h").read_text()
+    return {name: float(value) for name, value in re.findall(r"\bk(\w+)\s*=\s*([0-9.eE+-]+)\s*[,;}]", header)}
+
+
+def test_triton_constants_match_group_math_header():
+    # The Triton kernel mirrors csrc/group_math.h; its copies of the header's constants are tied
+    # to it here, so that a change on one side fails instead of silently diverging.
+    from bandadv.triton_kernels import group_advantage as tk
+
+    header = _header_constants()
+
+    def snake(name: str) -> str:
+        return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
+
+    reasons = {"AllEqual", "BelowBand", "AboveBand", "LowStd", "AccidentalSuccess", "TooFew"}
+    for name in reasons:
+        assert getattr(tk, snake(name)).value == header[name] == int(bandadv.Reason[snake(name)]), name
+    assert tk.LOW_STD_SLACK.value == header["LowStdSlack"]
+    assert tk._ESTIMATORS == {"grpo": header["Grpo"], "dr_grpo": header["DrGrpo"], "rloo": header["Rloo"]}
+    assert (tk.GRPO.value, tk.DR_GRPO.value, tk.RLOO.value) == (header["Grpo"], header["DrGrpo"], header["Rloo"])
+    assert tk._SCALES == {"group": header["Group"], "batch": header["Batch"], "none": header["None"]}
+    assert (tk.SCALE_GROUP.value, tk.SCALE_BATCH.value, tk.SCALE_NONE.value) == (
+        header["Group"], header["Batch"], header["None"],
+    )  # fmt: skip
