@@ -61,22 +61,29 @@ class Reference:
         return prior + f * (self.P - prior)
 
     def update(self, groups: dict[int, tuple[float, float]], step: int) -> None:
-        rows = []
+        logit = {pid: self.theta - self.x[pid] @ self.w - self.b[pid] for pid in groups}
+        residual_sum = info_sum = 0.0
         for pid, (n, k) in groups.items():
+            p = sig(logit[pid])
+            residual_sum += k - n * p
+            info_sum += n * p * (1 - p)
+        moved_theta = self.step_size * residual_sum / (info_sum + 1.0)
+        self.theta += moved_theta
+        P, grad, rows = self.weight_precision(step), np.zeros_like(self.w), []
+        for pid, (n, k) in groups.items():
+            p = sig(logit[pid] + moved_theta)
+            residual, info = k - n * p, n * p * (1 - p)
             f = self.lam ** (step - self.last[pid]) if self.last[pid] >= 0 else 0.0
-            p = sig(self.theta - self.x[pid] @ self.w - self.b[pid])
-            info = n * p * (1 - p)
-            rows.append((pid, k - n * p, info, self.prec0 + f * (self.prec[pid] - self.prec0) + info))
-        self.theta += self.step_size * sum(r[1] for r in rows) / (sum(r[2] for r in rows) + 1.0)
-        P = self.weight_precision(step)
-        grad = np.zeros_like(self.w)
-        for pid, residual, info, _ in rows:
-            P = P + info * np.outer(self.x[pid], self.x[pid])
-            grad += residual * self.x[pid]
-        self.w = self.w - np.linalg.solve(P, grad)
+            prior = self.prec0 + f * (self.prec[pid] - self.prec0)
+            rho = prior / (prior + info)
+            P = P + rho * info * np.outer(self.x[pid], self.x[pid])
+            grad += rho * residual * self.x[pid]
+            rows.append((pid, residual, info, prior + info))
+        dw = -np.linalg.solve(P, grad)
+        self.w = self.w + dw
         self.P, self.w_last = P, step
-        for pid, residual, _, precision in rows:
-            self.b[pid] -= residual / precision
+        for pid, residual, info, precision in rows:
+            self.b[pid] -= (residual - info * (-self.x[pid] @ dw)) / precision
             self.prec[pid] = precision
             self.last[pid] = step
 
@@ -120,8 +127,10 @@ def test_update_matches_plain_reimplementation(seed, num, d, lam, prec0, weight_
     tracker.update(torch.tensor([], dtype=torch.int64), batch([], [])[1], later)
     mean, std = tracker.predict(torch.arange(num))
     ref_mean, ref_std = ref.predict(later)
-    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-9)
-    np.testing.assert_allclose(std.numpy(), ref_std, rtol=1e-8)
+    # sigmoid's relative error in the tails grows with |logit| (weak priors with strong forgetting
+    # reach |logit| ~ 100 on these random, feature-free data), hence 1e-6 here
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(std.numpy(), ref_std, rtol=1e-6)
     assert torch.isfinite(mean).all() and torch.isfinite(std).all()
 
 
@@ -165,11 +174,13 @@ def test_never_seen_prompts_are_ranked_from_features_at_a_million_prompts():
         # reference (ids distinct, each seen once, so every b_i is 0 before its update)
         xi, k = x_np[ids.numpy()], out.stats.successes.double().numpy()
         p = sig(theta - xi @ w)
+        theta += 0.5 * (k - g * p).sum() / ((g * p * (1 - p)).sum() + 1)
+        p = sig(theta - xi @ w)
         residual, info = k - g * p, g * p * (1 - p)
-        theta += 0.5 * residual.sum() / (info.sum() + 1)
+        rho = 1.0 / (1.0 + info)  # a never-seen prompt's residual has prior precision 1
         prior = tracker.feature_prior_precision * np.eye(d)
-        P = prior + (0.95 if step else 0.0) * (P - prior) + xi.T @ (info[:, None] * xi)
-        w = w - np.linalg.solve(P, xi.T @ residual)
+        P = prior + (0.95 if step else 0.0) * (P - prior) + xi.T @ ((rho * info)[:, None] * xi)
+        w = w - np.linalg.solve(P, xi.T @ (rho * residual))
     never = order[num // 20 :]
     predicted, uncertainty = tracker.predict(never, validate=False)
     assert torch.isfinite(predicted).all() and torch.isfinite(uncertainty).all()
@@ -193,11 +204,31 @@ def test_uncertainty_of_unseen_prompts_shrinks_as_related_prompts_are_seen():
     for step in range(3):
         tracker.update(*batch([0, 3, 6, 9, 2, 5], [8, 8, 7, 8, 0, 1]), step)  # kinds 0 and 2 only
     p1, u1 = tracker.predict(unseen)
-    assert u1[0] < 0.5 * u0[0] and u1[2] < u0[2]  # related prompts seen: less uncertain
+    var0, var1 = (u0 / (p0 * (1 - p0))) ** 2, (u1 / (p1 * (1 - p1))) ** 2  # the logit's variance
+    assert var1[0] < 0.8 * var0[0] and var1[2] < 0.8 * var0[2]  # related prompts seen: less uncertain
     assert p1[0] > 0.7 and p1[2] < 0.3  # and predicted from them
     # kind 1 never seen: its weight keeps its prior variance (only the shared ability moved)
-    _, var_eta = p1[1], (u1[1] / (p1[1] * (1 - p1[1]))) ** 2
-    assert var_eta.item() == pytest.approx((u0[1] / 0.25).item() ** 2, rel=1e-9)
+    assert var1[1].item() == pytest.approx(var0[1].item(), rel=1e-9)
+    assert var0[1].item() == pytest.approx(1 / 1.0 + 1 / tracker.feature_prior_precision, rel=1e-12)
+
+
+def test_thompson_draws_share_the_weights_posterior():
+    # Two never-seen prompts with the same features: their draws co-vary through w (cov x^T P^-1 x)
+    # and each draw has the predictive variance 1/prec_b + x^T P^-1 x.
+    x = torch.nn.functional.one_hot(torch.arange(12) % 3, 3).double()
+    tracker = PromptTracker(12, "features", features=x, feature_prior_precision=0.5)
+    tracker.update(*batch([0, 1, 2], [7, 4, 1]), 0)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.tensor([3, 6, 4])  # 3 and 6 same kind (0), 4 kind 1
+    logits = torch.stack([torch.logit(tracker._sample_pass_rate(ids, gen)) for _ in range(20000)])
+    p, u = tracker.predict(ids)
+    var = (u / (p * (1 - p))) ** 2
+    cov = torch.cov(logits.T)
+    shared = var[0] - 1.0  # x^T P^-1 x for kind 0 (prec_b = 1 for a never-seen prompt)
+    assert shared > 0.3
+    torch.testing.assert_close(cov.diagonal(), var, rtol=0.05, atol=0)
+    assert abs(cov[0, 1] - shared) < 0.1 * shared and abs(cov[0, 2]) < 0.05
+    torch.testing.assert_close(logits.mean(0), torch.logit(p), rtol=0, atol=0.03)
 
 
 def test_thompson_explores_fresh_prompts_toward_the_band():
@@ -214,7 +245,7 @@ def test_thompson_explores_fresh_prompts_toward_the_band():
     for _ in range(50):
         chosen = tracker.select(fresh, 30, "thompson", gen)
         picks += torch.bincount(kinds[chosen], minlength=3)
-    assert picks[1] > 3 * picks[0] and picks[1] > 3 * picks[2], picks
+    assert picks[1] > 2 * picks[0] and picks[1] > 2 * picks[2], picks  # uniform: 1 : 1 : 1
 
 
 @pytest.mark.parametrize("strategy", ["thompson", "band", "learnability", "greso"])

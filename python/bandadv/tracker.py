@@ -13,9 +13,10 @@ host sync in `update`:
 - "features": p = sigmoid(theta - x_i.w - b_i), shared weights w over fixed per-prompt features
   x_i (a [num_prompts, d] tensor the user supplies) and a per-prompt residual b_i shrunk toward 0
   until the prompt itself is seen, so prompts seen rarely or never borrow strength from related
-  ones (as DOTS, arXiv 2506.05316, predicts from prompt embeddings). w has a Gaussian (Laplace)
-  posterior with a full d x d precision, updated by one Newton step per batch; b_i and theta are
-  updated as in "logistic". See `features_from_texts` for building x.
+  ones (as DOTS, arXiv 2506.05316, predicts from prompt embeddings). theta moves as in
+  "logistic"; then (w, b) take one joint Newton step per batch from a Gaussian (Laplace) posterior,
+  w with a full d x d precision, b_i with its own precision as d_i in "logistic". See
+  `features_from_texts` for building x.
 """
 
 from __future__ import annotations
@@ -280,23 +281,30 @@ class PromptTracker:
     def _update_features(self, target, n, k, forget, step: int) -> None:
         s = self.state
         prec0 = self.difficulty_prior_precision
-        x = self._feature_rows(target)
-        p = torch.sigmoid(self._logit(target, x, s["weights"]))
-        info = n * p * (1 - p)
-        precision = prec0 + forget * (s["precision"][target] - prec0) + info
-        residual = k - n * p
         live = (target < self.num_prompts).to(f64)
-        ability_info = (info * live).sum() + 1.0
-        s["ability"] += self.ability_step * (residual * live).sum() / ability_info
-        # Weights: one Newton step on the batch's binomial log-likelihood from the Gaussian
-        # posterior (Laplace): P <- P + X^T diag(info) X, w <- w - P^-1 X^T residual.
-        weight_precision = self._weight_precision(step) + x.T @ ((info * live)[:, None] * x)
+        x = self._feature_rows(target)
+        offset = x @ s["weights"] + s["difficulty"][target]
+        # Ability first, as in "logistic" (a damped Newton step, x.w + b held fixed) ...
+        p = torch.sigmoid(s["ability"] - offset)
+        ability_info = (n * p * (1 - p) * live).sum() + 1.0
+        s["ability"] += self.ability_step * ((k - n * p) * live).sum() / ability_info
+        # ... then one joint Newton step on (w, b) from the residuals left at the new ability. b_i's
+        # prior N(b_i, 1/pi_i) integrated out: group i informs w with weight rho_i = pi_i / (pi_i + h_i),
+        # P <- P + X^T diag(rho h) X, w <- w - P^-1 X^T (rho r); b_i takes what w leaves:
+        # b_i <- b_i - (r_i - h_i dlogit_i) / (pi_i + h_i), dlogit_i = -x_i.dw.
+        p = torch.sigmoid(s["ability"] - offset)
+        info, residual = n * p * (1 - p), k - n * p
+        prior_precision = prec0 + forget * (s["precision"][target] - prec0)
+        rho = prior_precision / (prior_precision + info) * live
+        weight_precision = self._weight_precision(step) + x.T @ ((rho * info)[:, None] * x)
         chol, _ = torch.linalg.cholesky_ex(weight_precision)  # the _ex form does not sync to check
-        grad = x.T @ (residual * live)
-        s["weights"] -= torch.cholesky_solve(grad[:, None], chol)[:, 0]
+        weight_step = -torch.cholesky_solve((x.T @ (rho * residual))[:, None], chol)[:, 0]
+        s["weights"] += weight_step
         s["weight_precision"].copy_(weight_precision)
         s["weights_last_step"].fill_(step)
-        s["difficulty"].index_copy_(0, target, s["difficulty"][target] - residual / precision)
+        precision = prior_precision + info
+        moved = -(x @ weight_step)
+        s["difficulty"].index_copy_(0, target, s["difficulty"][target] - (residual - info * moved) / precision)
         s["precision"].index_copy_(0, target, precision)
 
     def _update_greso_rates(self, zero_var: torch.Tensor, all_correct: torch.Tensor) -> None:
