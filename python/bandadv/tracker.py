@@ -263,9 +263,9 @@ class PromptTracker:
         s["precision"].index_copy_(0, target, precision)
 
     def _feature_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """x_i in float64 (zeros for the spare slot)."""
-        x = self.features[ids.clamp(max=self.num_prompts - 1)].to(f64)
-        return torch.where((ids < self.num_prompts)[:, None], x, torch.zeros_like(x))
+        """x_i in float64. Rows for the spare slot read the last prompt's features; their weight in
+        every sum is 0 (`live`) and what they write lands in the spare slot, which is blanked."""
+        return self.features[ids.clamp(max=self.num_prompts - 1)].to(f64)
 
     def _weight_precision(self, step: int) -> torch.Tensor:
         """w's precision now: prec0 * I + lam**(steps since w last moved) * (P - prec0 * I)."""
