@@ -375,3 +375,33 @@ def test_features_from_texts():
         features_from_texts(texts, encode, batch_size=0)
     with pytest.raises(ValueError, match="texts"):
         features_from_texts("abc", encode)
+
+
+def test_weights_and_residuals_step_is_the_joint_newton_step():
+    # The update integrates b out of w's step (a Schur complement); here the same step is solved
+    # as one (d + m) x (d + m) system: [P + X^T H X, X^T H; H X, diag(pi) + H] [dw; db] = -[X^T r; r].
+    num, d = 12, 3
+    x = torch.randn(num, d, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    tracker = PromptTracker(num, "features", features=x, decay=0.9)
+    for step, ids, out in random_updates(num, 8, seed=9):
+        tracker.update(ids, out, step)
+    s = {name: value.clone().numpy() for name, value in tracker.state.items()}
+    step = tracker.step + 2
+    ids, out = batch([1, 5, 7, 10], [0, 3, 6, 8])
+    tracker.update(ids, out, step)
+    rows, X = ids.numpy(), x.numpy()[ids.numpy()]
+    theta = tracker.state["ability"].item()  # checked against the reference elsewhere
+    p = sig(theta - X @ s["weights"] - s["difficulty"][rows])
+    k = out.stats.successes.double().numpy()
+    h, r = 8 * p * (1 - p), k - 8 * p
+    last = s["last_step"][rows]
+    f = np.where(last >= 0, 0.9 ** (step - last).astype(float), 0.0)
+    pi = 1.0 + f * (s["precision"][rows] - 1.0)
+    prior = tracker.feature_prior_precision * np.eye(d)
+    P = prior + 0.9 ** (step - int(s["weights_last_step"])) * (s["weight_precision"] - prior)
+    J = np.hstack([-X, -np.eye(len(rows))])  # d logit / d (w, b)
+    A = np.block([[P, np.zeros((d, len(rows)))], [np.zeros((len(rows), d)), np.diag(pi)]]) + J.T @ (h[:, None] * J)
+    delta = np.linalg.solve(A, J.T @ r)
+    np.testing.assert_allclose(tracker.state["weights"].numpy() - s["weights"], delta[:d], rtol=1e-9, atol=1e-12)
+    moved_b = tracker.state["difficulty"].numpy()[rows] - s["difficulty"][rows]
+    np.testing.assert_allclose(moved_b, delta[d:], rtol=1e-9, atol=1e-12)
