@@ -224,15 +224,16 @@ def test_thompson_draws_share_the_weights_posterior():
     tracker.update(*batch([0, 1, 2], [7, 4, 1]), 0)
     gen = torch.Generator().manual_seed(1)
     ids = torch.tensor([3, 6, 4])  # 3 and 6 same kind (0), 4 kind 1
-    logits = torch.stack([torch.logit(tracker._sample_pass_rate(ids, gen)) for _ in range(20000)])
+    draws = 2000  # sampling error: ~3% on a variance, ~0.04 on a covariance or mean of ~1.5 variance
+    logits = torch.stack([torch.logit(tracker._sample_pass_rate(ids, gen)) for _ in range(draws)])
     p, u = tracker.predict(ids)
     var = (u / (p * (1 - p))) ** 2
     cov = torch.cov(logits.T)
     shared = var[0] - 1.0  # x^T P^-1 x for kind 0 (prec_b = 1 for a never-seen prompt)
-    assert shared > 0.3
-    torch.testing.assert_close(cov.diagonal(), var, rtol=0.05, atol=0)
-    assert abs(cov[0, 1] - shared) < 0.1 * shared and abs(cov[0, 2]) < 0.05
-    torch.testing.assert_close(logits.mean(0), torch.logit(p), rtol=0, atol=0.03)
+    assert shared > 0.5, shared
+    torch.testing.assert_close(cov.diagonal(), var, rtol=0.12, atol=0)
+    assert abs(cov[0, 1] - shared) < 0.15 and abs(cov[0, 2]) < 0.15, (cov, shared)
+    torch.testing.assert_close(logits.mean(0), torch.logit(p), rtol=0, atol=0.15)
 
 
 def test_thompson_explores_fresh_prompts_toward_the_band():
@@ -405,3 +406,36 @@ def test_weights_and_residuals_step_is_the_joint_newton_step():
     np.testing.assert_allclose(tracker.state["weights"].numpy() - s["weights"], delta[:d], rtol=1e-9, atol=1e-12)
     moved_b = tracker.state["difficulty"].numpy()[rows] - s["difficulty"][rows]
     np.testing.assert_allclose(moved_b, delta[d:], rtol=1e-9, atol=1e-12)
+
+
+def test_update_and_thompson_read_nothing_back_to_the_host(monkeypatch):
+    # .item() and bool(tensor) go through aten._local_scalar_dense, .tolist() does not (counted by
+    # a patch); on a GPU each would be a host sync.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(2))
+    updates = list(random_updates(40, 5, seed=4))
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+    with ScalarReads():
+        tracker = PromptTracker(40, "features", features=x)
+    assert len(reads) == 2  # construction: X is finite, and the default weight prior from |x|^2
+    reads.clear()
+    gen = torch.Generator().manual_seed(0)
+    with ScalarReads():
+        for step, ids, out in updates:
+            tracker.update(ids, out, step, validate=False)
+        tracker.predict(torch.arange(40), validate=False)
+        tracker.select(torch.arange(40), 10, "thompson", gen, validate=False)
+        tracker.select(torch.arange(40), 10, "band", gen, validate=False)
+    assert reads == []
+    tracker.update(*updates[0][1:], tracker.step)  # validate=True reads the id range: the check works
+    assert reads == ["tolist"]
