@@ -304,6 +304,11 @@ def test_resume_is_bitwise_and_duplicates_deterministic():
         PromptTracker(50, "features", features=x[:, :4]).load_state_dict(straight.state_dict())
     with pytest.raises(ValueError, match="checkpoint"):
         PromptTracker(50, "logistic").load_state_dict(straight.state_dict())
+    with pytest.raises(ValueError, match="other features"):
+        PromptTracker(50, "features", features=x.flip(0)).load_state_dict(straight.state_dict())
+    with pytest.raises(ValueError, match="other features"):
+        PromptTracker(50, "features", features=x + 1e-6).load_state_dict(straight.state_dict())
+    PromptTracker(50, "features", features=x.clone()).load_state_dict(straight.state_dict())  # same values
 
 
 def test_duplicate_ids_merge_like_one_group():
@@ -427,7 +432,7 @@ def test_update_and_thompson_read_nothing_back_to_the_host(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
     with ScalarReads():
         tracker = PromptTracker(40, "features", features=x)
-    assert len(reads) == 2  # construction: X is finite, and the default weight prior from |x|^2
+    assert reads == ["tolist"]  # construction reads X once: finite?, the weight prior, a fingerprint
     reads.clear()
     gen = torch.Generator().manual_seed(0)
     with ScalarReads():

@@ -108,6 +108,7 @@ class PromptTracker:
                 (size,), self.difficulty_prior_precision, dtype=f64, device=self.device
             )
             self.state["ability"] = torch.zeros((), dtype=f64, device=self.device)
+        self.features_fingerprint = 0.0
         self.features = self._check_features(features)
         self.num_features = 0 if self.features is None else self.features.shape[1]
         self.feature_prior_precision = 0.0
@@ -139,13 +140,22 @@ class PromptTracker:
             raise ValueError(f"features must be a floating tensor, got {features.dtype}")
         if features.device != self.device:
             raise ValueError(f"features is on {features.device} but the tracker lives on {self.device}")
-        if not bool(torch.isfinite(features).all()):
+        # the one read of X: finite?, mean |x_i|^2 (the default weight prior), and a fingerprint
+        # that ties a checkpoint to these features (row order included)
+        rows = features.to(f64)
+        finite, mean_square, fingerprint = torch.stack([
+            torch.isfinite(rows).all().to(f64),
+            (rows**2).sum(1).mean(),
+            (rows.sum(1) * torch.arange(1, self.num_prompts + 1, dtype=f64, device=rows.device).sqrt()).sum(),
+        ]).tolist()  # fmt: skip
+        if not finite:
             raise ValueError("features must be finite (found NaN or Inf)")
+        self._features_mean_square, self.features_fingerprint = mean_square, fingerprint
         return features
 
     def _check_feature_prior(self, precision: float | None) -> float:
         if precision is None:
-            precision = float((self.features.to(f64) ** 2).sum(1).mean())
+            precision = self._features_mean_square
             return precision if precision > 0 else 1.0  # all-zero features: w is never moved anyway
         if not precision > 0 or not math.isfinite(precision):
             raise ValueError(f"feature_prior_precision must be > 0 and finite, got {precision}")
@@ -458,7 +468,7 @@ class PromptTracker:
             name: getattr(self, name)
             for name in ("num_prompts", "model", "decay", "prior_alpha", "prior_beta", "difficulty_prior_precision",
                          "ability_step", "greso_target", "greso_step", "step", "num_features",
-                         "feature_prior_precision")
+                         "feature_prior_precision", "features_fingerprint")
         }  # fmt: skip
         return {"config": config, "state": {k: v.clone() for k, v in self.state.items()}}
 
@@ -473,6 +483,12 @@ class PromptTracker:
                 f"checkpoint is for {config['num_prompts']} prompts, model {config['model']!r}, "
                 f"{config.get('num_features', 0)} features; this tracker has {self.num_prompts}, {self.model!r}, "
                 f"{self.num_features}"
+            )
+        saved = config.get("features_fingerprint", 0.0)
+        if not math.isclose(saved, self.features_fingerprint, rel_tol=1e-9, abs_tol=1e-9 * self.num_prompts):
+            raise ValueError(
+                "checkpoint was made with other features (or rows in another order): fingerprint "
+                f"{saved!r}, this tracker's {self.features_fingerprint!r}"
             )
         if set(state) != set(self.state):
             raise ValueError(f"checkpoint state has {sorted(state)}, expected {sorted(self.state)}")
