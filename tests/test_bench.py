@@ -47,3 +47,15 @@ def test_kept_groups_match_the_baselines(bandadv_name, baseline, atol):
     assert kept.any() and not kept.all()  # the band and accidental rule mask some groups
     torch.testing.assert_close(out.advantages[kept], expected[kept].float(), rtol=1e-3, atol=atol)
     assert (out.advantages[~kept] == 0).all()
+
+
+def test_tracker_rows_run_for_every_model():
+    from bandadv.bench import format_tracker_table, run_tracker
+
+    rows = run_tracker("cpu", num_prompts=2048, groups=64, budget_s=0.01, candidates=512, num_features=8)
+    names = [r.provider for r in rows]
+    for model in ("beta", "logistic", "features"):
+        for what in ("update", "select thompson", "select band", "predict"):
+            assert f"tracker-{model} {what}" in names
+    assert all(r.median_ms > 0 for r in rows)
+    assert "d=8" in format_tracker_table(rows)

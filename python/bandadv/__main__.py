@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     bench = commands.add_parser("bench", help="time bandadv against trainers' advantage code on this machine")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    bench.add_argument("--tracker", action="store_true", help="also time PromptTracker (all models, 2**20 prompts)")
     sim = commands.add_parser("simulate", help="train a small policy on group_advantages (the learning testbed)")
     sim.add_argument("--compare", action="store_true", help="every method over several seeds at equal budgets")
     sim.add_argument("--seeds", type=int, default=3)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from .bench import headline
 
-        headline(args.device)
+        headline(args.device, tracker=args.tracker)
 
 
 if __name__ == "__main__":

@@ -205,8 +205,17 @@ def run_case(
     return rows
 
 
-def run_tracker(device: str, num_prompts: int = 1 << 20, groups: int = 4096, budget_s: float = 0.5) -> list[Row]:
-    """PromptTracker at a million prompts: one batch's update, and selection before rollouts."""
+def run_tracker(
+    device: str,
+    num_prompts: int = 1 << 20,
+    groups: int = 4096,
+    budget_s: float = 0.5,
+    candidates: int = 1 << 17,
+    num_features: int = 256,
+    models: tuple[str, ...] = ("beta", "logistic", "features"),
+) -> list[Row]:
+    """PromptTracker at a million prompts: one batch's update, and selection before rollouts (the
+    features model with a [num_prompts, num_features] float32 X: 1 GiB at 2**20 x 256)."""
     from .tracker import PromptTracker
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -216,29 +225,36 @@ def run_tracker(device: str, num_prompts: int = 1 << 20, groups: int = 4096, bud
         ids = torch.randint(0, num_prompts, (groups,), device=device, generator=gen)
         rewards = (torch.rand(groups * 16, device=device, generator=gen) < 0.3).float()
         out = group_advantages(rewards, 16, validate=False)
-        inputs.append(
-            {"ids": ids, "out": out, "candidates": torch.randperm(num_prompts, device=device, generator=gen)[: 1 << 17]}
-        )
-    for model in ("beta", "logistic"):
-        tracker = PromptTracker(num_prompts, model, device=device)
+        cands = torch.randperm(num_prompts, device=device, generator=gen)[:candidates]
+        inputs.append({"ids": ids, "out": out, "candidates": cands})
+    for model in models:
+        features = None
+        if model == "features":
+            features = torch.randn(num_prompts, num_features, device=device, generator=gen) / num_features**0.5
+        tracker = PromptTracker(num_prompts, model, device=device, features=features)
         step = iter(range(1 << 30))
         cases = {
             f"tracker-{model} update": lambda x, t=tracker, s=step: t.update(
                 x["ids"], x["out"], next(s), validate=False
             ),
             f"tracker-{model} select thompson": lambda x, t=tracker: t.select(
-                x["candidates"], 4096, "thompson", gen, validate=False
+                x["candidates"], groups, "thompson", gen, validate=False
             ),
             f"tracker-{model} select band": lambda x, t=tracker: t.select(
-                x["candidates"], 4096, "band", gen, validate=False
+                x["candidates"], groups, "band", gen, validate=False
             ),
+            f"tracker-{model} predict": lambda x, t=tracker: t.predict(x["candidates"], validate=False),
         }
+        d = f", d={num_features}" if model == "features" else ""
         for name, fn in cases.items():
             t = time_provider(fn, inputs, device, budget_s)
             med = statistics.median(t)
-            label = f"{num_prompts} prompts, {groups} groups / 131072 cands"
-            rows.append(Row(label, groups, name, "state update" if "update" in name else "k=4096 ids", med,
-                            quantile(t, 0.2), quantile(t, 0.8), 0.0, {}))  # fmt: skip
+            label = f"{num_prompts} prompts{d}"
+            what = {"update": f"{groups} groups", "predict": f"{candidates} ids"}.get(
+                name.rsplit(" ", 1)[-1], f"{groups} of {candidates}"
+            )
+            rows.append(Row(label, groups, name, what, med, quantile(t, 0.2), quantile(t, 0.8), 0.0, {}))
+        del tracker, features
     return rows
 
 
@@ -285,8 +301,9 @@ def save(rows: list[Row], device: str, path: str) -> None:
 HEADLINE_CASES = (Case(512, 16), Case(2048, 16, ragged=True), Case(1 << 20, 16))
 
 
-def headline(device: str | None = None) -> None:
-    """`python -m bandadv bench`: the headline table for this machine, in well under a minute."""
+def headline(device: str | None = None, tracker: bool = False) -> None:
+    """`python -m bandadv bench`: the headline table for this machine, in well under a minute;
+    `--tracker` adds PromptTracker's update, selection and prediction at 2**20 prompts."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"bandadv bench on {machine_name(device)}, torch {torch.__version__}")
     print("bandadv runs with band masks, accidental-success rule and stats on; baselines compute advantages only.")
@@ -297,3 +314,14 @@ def headline(device: str | None = None) -> None:
     for case in HEADLINE_CASES:
         rows += run_case(case, device, budget_s=0.4)
     print(format_table(rows))
+    if tracker:
+        print("\nPromptTracker, 2**20 prompts: update of 4096 groups, selection of 4096 of 131072 candidates")
+        print(format_tracker_table(run_tracker(device, budget_s=0.4)))
+
+
+def format_tracker_table(rows: list[Row]) -> str:
+    lines = [f"{'case':<26} {'provider':<34} {'what':<16} {'median ms':>10} {'q20-q80 ms':>17}"]
+    for r in rows:
+        spread = f"{r.q20_ms:.3f}-{r.q80_ms:.3f}"
+        lines.append(f"{r.case:<26} {r.provider:<34} {r.computes:<16} {r.median_ms:>10.3f} {spread:>17}")
+    return "\n".join(lines)

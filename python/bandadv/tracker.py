@@ -10,11 +10,19 @@ host sync in `update`:
   d_i updated online from every group's k of n (Elo / item-response style, with per-prompt
   precision as in a Laplace approximation). theta moves every step, so predictions for prompts
   not seen for a while stay current.
+- "features": p = sigmoid(theta - x_i.w - b_i), shared weights w over fixed per-prompt features
+  x_i (a [num_prompts, d] tensor the user supplies) and a per-prompt residual b_i shrunk toward 0
+  until the prompt itself is seen, so prompts seen rarely or never borrow strength from related
+  ones (as DOTS, arXiv 2506.05316, predicts from prompt embeddings). theta moves as in
+  "logistic"; then (w, b) take one joint Newton step per batch from a Gaussian (Laplace) posterior,
+  w with a full d x d precision, b_i with its own precision as d_i in "logistic". See
+  `features_from_texts` for building x.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -22,7 +30,8 @@ import torch
 from .types import GroupAdvantages
 
 f64 = torch.float64
-Model = Literal["beta", "logistic"]
+Model = Literal["beta", "logistic", "features"]
+MODELS = ("beta", "logistic", "features")
 STRATEGIES = ("thompson", "band", "learnability", "greso")
 
 
@@ -31,14 +40,19 @@ class PromptTracker:
 
     Args:
         num_prompts: dataset size; prompt ids are 0..num_prompts-1.
-        model: "beta" or "logistic".
+        model: "beta", "logistic" or "features".
         device: where the state lives (updates take tensors on this device).
         decay: lam, the per-step forgetting factor toward the prior (both models).
         prior: (alpha0, beta0) of the beta model.
-        difficulty_prior_precision: precision of a prompt's difficulty before any data (logistic).
+        difficulty_prior_precision: precision of a prompt's difficulty before any data (logistic),
+            or of its residual b_i (features).
         ability_step: damping of the ability update (logistic), in (0, 1].
         greso_target: GRESO's target share of zero-variance groups (arXiv 2506.02177).
         greso_step: how far the GRESO exploration rates move per update.
+        features: ``[num_prompts, d]`` floating tensor on `device`, one fixed vector per prompt
+            (model "features" only; it is read once here to check it is finite, and kept, not copied).
+        feature_prior_precision: prior precision of each feature weight (features); None takes
+            the mean of |x_i|^2 over prompts, so that x_i.w has prior variance 1 on average.
     """
 
     def __init__(
@@ -53,11 +67,13 @@ class PromptTracker:
         ability_step: float = 0.5,
         greso_target: float = 0.25,
         greso_step: float = 0.01,
+        features: torch.Tensor | None = None,
+        feature_prior_precision: float | None = None,
     ) -> None:
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
             raise ValueError(f"num_prompts must be an int >= 1, got {num_prompts!r}")
-        if model not in ("beta", "logistic"):
-            raise ValueError(f"model must be 'beta' or 'logistic', got {model!r}")
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         if len(prior) != 2 or min(prior) <= 0:
@@ -92,8 +108,59 @@ class PromptTracker:
                 (size,), self.difficulty_prior_precision, dtype=f64, device=self.device
             )
             self.state["ability"] = torch.zeros((), dtype=f64, device=self.device)
+        self.features_fingerprint = 0.0
+        self.features = self._check_features(features)
+        self.num_features = 0 if self.features is None else self.features.shape[1]
+        self.feature_prior_precision = 0.0
+        if self.features is not None:
+            self.feature_prior_precision = self._check_feature_prior(feature_prior_precision)
+            d = self.num_features
+            self.state["weights"] = torch.zeros(d, dtype=f64, device=self.device)
+            eye = torch.eye(d, dtype=f64, device=self.device)
+            self.state["weight_precision"] = self.feature_prior_precision * eye
+            self.state["weights_last_step"] = torch.full((), -1, dtype=torch.int64, device=self.device)
+        elif feature_prior_precision is not None:
+            raise ValueError(f"feature_prior_precision is for model='features' only, got model={model!r}")
 
     # -- checks ---------------------------------------------------------------------------
+    def _check_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        if self.model != "features":
+            if features is not None:
+                raise ValueError(f"features are for model='features' only, got model={self.model!r}")
+            return None
+        if features is None:
+            raise ValueError("model='features' needs features=X, a [num_prompts, d] floating tensor")
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[0] != self.num_prompts or features.shape[1] < 1:
+            raise ValueError(
+                f"features must have shape [num_prompts={self.num_prompts}, d >= 1], got {list(features.shape)}"
+            )
+        if not features.is_floating_point():
+            raise ValueError(f"features must be a floating tensor, got {features.dtype}")
+        if features.device != self.device:
+            raise ValueError(f"features is on {features.device} but the tracker lives on {self.device}")
+        # the one read of X: finite?, mean |x_i|^2 (the default weight prior), and a fingerprint
+        # that ties a checkpoint to these features (row order included)
+        rows = features.to(f64)
+        finite, mean_square, fingerprint = torch.stack([
+            torch.isfinite(rows).all().to(f64),
+            (rows**2).sum(1).mean(),
+            (rows.sum(1) * torch.arange(1, self.num_prompts + 1, dtype=f64, device=rows.device).sqrt()).sum(),
+        ]).tolist()  # fmt: skip
+        if not finite:
+            raise ValueError("features must be finite (found NaN or Inf)")
+        self._features_mean_square, self.features_fingerprint = mean_square, fingerprint
+        return features
+
+    def _check_feature_prior(self, precision: float | None) -> float:
+        if precision is None:
+            precision = self._features_mean_square
+            return precision if precision > 0 else 1.0  # all-zero features: w is never moved anyway
+        if not precision > 0 or not math.isfinite(precision):
+            raise ValueError(f"feature_prior_precision must be > 0 and finite, got {precision}")
+        return float(precision)
+
     def _ids(self, prompt_ids: torch.Tensor, name: str = "prompt_ids", validate: bool = True) -> torch.Tensor:
         if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 1:
             raise ValueError(f"{name} must be a 1-D tensor of prompt ids")
@@ -168,8 +235,10 @@ class PromptTracker:
             beta = forget * s["beta"][target] + (1 - forget) * self.prior_beta + (n - k)
             s["alpha"].index_copy_(0, target, alpha)
             s["beta"].index_copy_(0, target, beta)
-        else:
+        elif self.model == "logistic":
             self._update_logistic(target, n, k, forget)
+        else:
+            self._update_features(target, n, k, forget, step)
         streak = torch.where(zero > 0, s["zero_var_streak"][target] + 1, 0)
         s["zero_var_streak"].index_copy_(0, target, streak)
         s["last_all_correct"].index_copy_(0, target, correct > 0)
@@ -184,7 +253,7 @@ class PromptTracker:
         initial = {"last_step": -1, "alpha": self.prior_alpha, "beta": self.prior_beta,
                    "precision": self.difficulty_prior_precision}  # fmt: skip
         for name, value in self.state.items():
-            if value.dim() == 1 and value.shape[0] == spare + 1:
+            if value.dim() == 1 and value.shape[0] == spare + 1 and name != "weights":
                 value[spare] = initial.get(name, 0)
 
     def _update_logistic(self, target, n, k, forget) -> None:
@@ -201,6 +270,51 @@ class PromptTracker:
         s["ability"] += self.ability_step * (residual * live).sum() / ability_info
         # Difficulty: a Newton step against the prompt's own residual, weighted by its precision.
         s["difficulty"].index_copy_(0, target, d - residual / precision)
+        s["precision"].index_copy_(0, target, precision)
+
+    def _feature_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """x_i in float64. Rows for the spare slot read the last prompt's features; their weight in
+        every sum is 0 (`live`) and what they write lands in the spare slot, which is blanked."""
+        return self.features[ids.clamp(max=self.num_prompts - 1)].to(f64)
+
+    def _weight_precision(self, step: int) -> torch.Tensor:
+        """w's precision now: prec0 * I + lam**(steps since w last moved) * (P - prec0 * I)."""
+        s = self.state
+        dt = (step - s["weights_last_step"]).clamp(min=0).to(f64)
+        forget = torch.where(s["weights_last_step"] >= 0, self.decay**dt, torch.zeros_like(dt))
+        eye = torch.eye(self.num_features, dtype=f64, device=self.device) * self.feature_prior_precision
+        return eye + forget * (s["weight_precision"] - eye)
+
+    def _logit(self, ids: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.state["ability"] - x @ weights - self.state["difficulty"][ids]
+
+    def _update_features(self, target, n, k, forget, step: int) -> None:
+        s = self.state
+        prec0 = self.difficulty_prior_precision
+        live = (target < self.num_prompts).to(f64)
+        x = self._feature_rows(target)
+        offset = x @ s["weights"] + s["difficulty"][target]
+        # Ability first, as in "logistic" (a damped Newton step, x.w + b held fixed) ...
+        p = torch.sigmoid(s["ability"] - offset)
+        ability_info = (n * p * (1 - p) * live).sum() + 1.0
+        s["ability"] += self.ability_step * ((k - n * p) * live).sum() / ability_info
+        # ... then one joint Newton step on (w, b) from the residuals left at the new ability. b_i's
+        # prior N(b_i, 1/pi_i) integrated out: group i informs w with weight rho_i = pi_i / (pi_i + h_i),
+        # P <- P + X^T diag(rho h) X, w <- w - P^-1 X^T (rho r); b_i takes what w leaves:
+        # b_i <- b_i - (r_i - h_i dlogit_i) / (pi_i + h_i), dlogit_i = -x_i.dw.
+        p = torch.sigmoid(s["ability"] - offset)
+        info, residual = n * p * (1 - p), k - n * p
+        prior_precision = prec0 + forget * (s["precision"][target] - prec0)
+        rho = prior_precision / (prior_precision + info) * live
+        weight_precision = self._weight_precision(step) + x.T @ ((rho * info)[:, None] * x)
+        chol, _ = torch.linalg.cholesky_ex(weight_precision)  # the _ex form does not sync to check
+        weight_step = -torch.cholesky_solve((x.T @ (rho * residual))[:, None], chol)[:, 0]
+        s["weights"] += weight_step
+        s["weight_precision"].copy_(weight_precision)
+        s["weights_last_step"].fill_(step)
+        precision = prior_precision + info
+        moved = -(x @ weight_step)
+        s["difficulty"].index_copy_(0, target, s["difficulty"][target] - (residual - info * moved) / precision)
         s["precision"].index_copy_(0, target, precision)
 
     def _update_greso_rates(self, zero_var: torch.Tensor, all_correct: torch.Tensor) -> None:
@@ -223,10 +337,21 @@ class PromptTracker:
 
     def predict(self, prompt_ids: torch.Tensor, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(pass_rate, uncertainty) per prompt at the latest step: the posterior mean and std of
-        the pass rate (beta), or sigmoid(theta - d) and its delta-method std (logistic)."""
+        the pass rate (beta), or sigmoid(theta - d) and its delta-method std (logistic), or
+        sigmoid(theta - x.w - b) and the delta-method std p(1 - p) sqrt(1/prec_b + x^T P^-1 x)
+        (features: b's and w's posterior variances; for a never-seen prompt 1/prec_b is the prior's,
+        and x^T P^-1 x shrinks as related prompts are seen)."""
         ids = self._ids(prompt_ids, validate=validate)
         forget = self._forgetting(ids)
         s = self.state
+        if self.model == "features":
+            prec0 = self.difficulty_prior_precision
+            precision = prec0 + forget * (s["precision"][ids] - prec0)
+            x = self._feature_rows(ids)
+            chol, _ = torch.linalg.cholesky_ex(self._weight_precision(self.step))
+            spread = torch.linalg.solve_triangular(chol, x.T, upper=False)  # L^-1 x: |.|^2 = x^T P^-1 x
+            p = torch.sigmoid(self._logit(ids, x, s["weights"]))
+            return p, p * (1 - p) * torch.sqrt(1 / precision + (spread**2).sum(0))
         if self.model == "beta":
             a = forget * s["alpha"][ids] + (1 - forget) * self.prior_alpha
             b = forget * s["beta"][ids] + (1 - forget) * self.prior_beta
@@ -255,8 +380,22 @@ class PromptTracker:
             return x / (x + y)
         prec0 = self.difficulty_prior_precision
         precision = prec0 + forget * (s["precision"][ids] - prec0)
+        if self.model == "features":
+            # One draw of the shared weights for all candidates (w ~ N(w, P^-1): w + L^-T z), then
+            # each prompt's own residual: related prompts move together, as the posterior says.
+            chol, _ = torch.linalg.cholesky_ex(self._weight_precision(self.step))
+            z_w = torch.randn((self.num_features, 1), generator=generator, dtype=f64, device=ids.device)
+            weights = s["weights"] + torch.linalg.solve_triangular(chol.T, z_w, upper=True)[:, 0]
+            z = torch.randn(ids.shape, generator=generator, dtype=f64, device=ids.device)
+            return torch.sigmoid(self._logit(ids, self._feature_rows(ids), weights) + z / precision.sqrt())
         z = torch.randn(ids.shape, generator=generator, dtype=f64, device=ids.device)
         return torch.sigmoid(s["ability"] - s["difficulty"][ids] + z / precision.sqrt())
+
+    def _pass_rate(self, ids: torch.Tensor) -> torch.Tensor:
+        """predict's pass rate, without the features model's O(n d^2) uncertainty."""
+        if self.model == "features":
+            return torch.sigmoid(self._logit(ids, self._feature_rows(ids), self.state["weights"]))
+        return self.predict(ids, validate=False)[0]
 
     # -- selection ------------------------------------------------------------------------
     def select(
@@ -294,7 +433,7 @@ class PromptTracker:
         if strategy == "thompson":
             score = -(self._sample_pass_rate(ids, generator) - target).abs()
         elif strategy == "learnability":
-            p, _ = self.predict(ids, validate=False)
+            p = self._pass_rate(ids)
             score = p * (1 - p) + 1e-9 * u  # jitter breaks ties reproducibly
         elif strategy == "greso":
             s = self.state
@@ -313,7 +452,7 @@ class PromptTracker:
             raise ValueError(f"band must satisfy 0 <= lo <= hi <= 1, got {band}")
         if not 0 <= explore <= 1:
             raise ValueError(f"explore must be in [0, 1], got {explore}")
-        p, _ = self.predict(ids, validate=False)
+        p = self._pass_rate(ids)
         distance = torch.clamp(lo - p, min=0) + torch.clamp(p - hi, min=0)
         score = torch.where(distance == 0, 1 + u, -distance)
         exploit = k - round(explore * k)
@@ -328,16 +467,28 @@ class PromptTracker:
         config = {
             name: getattr(self, name)
             for name in ("num_prompts", "model", "decay", "prior_alpha", "prior_beta", "difficulty_prior_precision",
-                         "ability_step", "greso_target", "greso_step", "step")
+                         "ability_step", "greso_target", "greso_step", "step", "num_features",
+                         "feature_prior_precision", "features_fingerprint")
         }  # fmt: skip
         return {"config": config, "state": {k: v.clone() for k, v in self.state.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         config, state = state_dict["config"], state_dict["state"]
-        if config["num_prompts"] != self.num_prompts or config["model"] != self.model:
+        if (
+            config["num_prompts"] != self.num_prompts
+            or config["model"] != self.model
+            or config.get("num_features", 0) != self.num_features
+        ):
             raise ValueError(
-                f"checkpoint is for {config['num_prompts']} prompts, model {config['model']!r}; this tracker has "
-                f"{self.num_prompts}, {self.model!r}"
+                f"checkpoint is for {config['num_prompts']} prompts, model {config['model']!r}, "
+                f"{config.get('num_features', 0)} features; this tracker has {self.num_prompts}, {self.model!r}, "
+                f"{self.num_features}"
+            )
+        saved = config.get("features_fingerprint", 0.0)
+        if not math.isclose(saved, self.features_fingerprint, rel_tol=1e-9, abs_tol=1e-9 * self.num_prompts):
+            raise ValueError(
+                "checkpoint was made with other features (or rows in another order): fingerprint "
+                f"{saved!r}, this tracker's {self.features_fingerprint!r}"
             )
         if set(state) != set(self.state):
             raise ValueError(f"checkpoint state has {sorted(state)}, expected {sorted(self.state)}")
@@ -345,6 +496,55 @@ class PromptTracker:
             setattr(self, name, value)
         for name, value in state.items():
             self.state[name].copy_(value)
+
+
+def features_from_texts(
+    texts: Sequence[str],
+    encode: Callable[[list[str]], torch.Tensor],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    standardize: bool = True,
+) -> torch.Tensor:
+    """X for PromptTracker(model="features"): one fixed vector per prompt from a user's encoder.
+
+    Args:
+        texts: the prompts, in dataset order (row i is prompt id i).
+        encode: maps a list of up to `batch_size` strings to a ``[len, d]`` tensor, e.g. a
+            sentence-embedding model, the policy's mean hidden state over the prompt, or a one-hot
+            of metadata (source, level). bandadv downloads no model; this is called as given.
+        batch_size: strings per `encode` call.
+        device, dtype: where and how X is returned.
+        standardize: centre each column and scale it to unit variance (constant columns are
+            left at 0), so that the default weight prior suits any encoder's scale.
+    Returns:
+        ``[len(texts), d]`` tensor.
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a sequence of strings")
+    if len(texts) == 0:
+        raise ValueError("texts must not be empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    texts = list(texts)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        rows = torch.as_tensor(encode(batch))
+        if rows.dim() != 2 or rows.shape[0] != len(batch) or (chunks and rows.shape[1] != chunks[0].shape[1]):
+            raise ValueError(
+                f"encode must return a [len(batch), d] tensor with the same d for every batch; for {len(batch)} "
+                f"strings it returned shape {list(rows.shape)}"
+            )
+        chunks.append(rows.detach().to(device=device, dtype=f64))
+    x = torch.cat(chunks)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("encode returned NaN or Inf values")
+    if standardize:
+        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=f64, device=x.device)
+        x = torch.where(std > 0, (x - x.mean(0)) / torch.where(std > 0, std, 1.0), 0.0)
+    return x.to(dtype)
 
 
 def _gamma(
