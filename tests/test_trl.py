@@ -132,6 +132,29 @@ def test_rloo_with_band_and_selection(model_dir, tmp_path):
     assert bool((out.advantages[~out.sample_mask] == 0).all())
 
 
+def test_grpo_selection_with_the_features_tracker(model_dir, tmp_path):
+    # The cross-prompt model (issue 13) behind TRL's sampler: prompts of a level share a feature,
+    # so a never-seen prompt of a level the tracker has seen is predicted off the bare ability
+    # sigmoid(theta) (its own residual is still 0: only the shared weights moved it).
+    dataset = tiny_dataset()
+    levels = torch.tensor(dataset["level"])
+    tracker = bandadv.PromptTracker(
+        len(dataset), model="features", features=torch.nn.functional.one_hot(levels, 4).double()
+    )
+    trainer = make_trainer(
+        BandGRPOTrainer, BandGRPOConfig, model_dir, tmp_path, dataset=dataset, tracker=tracker,
+        tracker_model="features", **selection_args(max_steps=2),
+    )  # fmt: skip
+    trainer.train()
+    assert trainer._bandadv_tracker is tracker and int(tracker.state["visits"].sum()) == 4
+    seen = tracker.state["visits"][: len(dataset)] > 0
+    unseen_of_seen_levels = ~seen & torch.isin(levels, levels[seen])
+    assert bool(unseen_of_seen_levels.any())
+    pass_rate = tracker.predict(torch.arange(len(dataset)))[0]
+    bare = torch.sigmoid(tracker.state["ability"])
+    assert bool((pass_rate[unseen_of_seen_levels] != bare).all())
+
+
 def half_success(completions, level, **kwargs) -> list[float]:
     """Level-0 prompts always succeed (above any band); others succeed on every other sample."""
     return [1.0 if lv == 0 else float(i % 2) for i, lv in enumerate(level)]
@@ -368,6 +391,7 @@ def iterable_dataset():
         (dict(), None, 8, "tracker has 8 prompts"),
         (dict(prompt_selection="thompson"), "iterable", None, "iterable"),
         (dict(multi_objective_aggregation="normalize_then_sum"), None, None, "multi_objective_aggregation"),
+        (dict(prompt_selection="thompson", tracker_model="features"), None, None, "tracker_model='features' needs"),
     ],
 )
 def test_bad_input_is_refused_when_the_trainer_is_built(model_dir, tmp_path, overrides, dataset, tracker, match):

@@ -54,11 +54,11 @@ from torch.utils.data import Sampler
 
 from ..advantages import group_advantages
 from ..config import ACCIDENTAL_ACTIONS, AdvantageConfig
-from ..tracker import STRATEGIES, PromptTracker
+from ..tracker import MODELS, STRATEGIES, PromptTracker
 
 PROMPT_ID_COLUMN = "bandadv_prompt_id"  # added to the train dataset when prompt_id_column is None
 STATE_FILE = "bandadv_state.pt"  # in each TRL checkpoint folder
-TRACKER_MODELS = ("beta", "logistic")
+TRACKER_MODELS = MODELS
 
 
 @dataclass
@@ -94,7 +94,11 @@ class BandAdvArguments:
     prompt_selection: str | None = field(
         default=None, metadata={"help": f"PromptTracker.select strategy ({', '.join(STRATEGIES)}), or None."}
     )
-    tracker_model: str = field(default="beta", metadata={"help": "PromptTracker model: 'beta' or 'logistic'."})
+    tracker_model: str = field(
+        default="beta",
+        metadata={"help": "PromptTracker model: 'beta', 'logistic' or 'features' (features: pass "
+                  "tracker=PromptTracker(len(train_dataset), model='features', features=X))."},
+    )  # fmt: skip
     prompt_id_column: str | None = field(
         default=None, metadata={"help": "Dataset column of integer prompt ids (default: the row index)."}
     )
@@ -244,6 +248,11 @@ class _BandAdvMixin:
         if uses_tracker:
             dataset, ids = _prompt_ids(dataset, config, tracker)
             params["train_dataset"] = dataset
+            if tracker is None and config.tracker_model == "features":
+                raise ValueError(
+                    "tracker_model='features' needs tracker=PromptTracker(len(train_dataset), model='features', "
+                    "features=X), X one fixed vector per prompt that you compute (bandadv.tracker.features_from_texts)"
+                )
             if tracker is None:
                 tracker = PromptTracker(len(dataset), model=config.tracker_model)
         self._bandadv_tracker = tracker
