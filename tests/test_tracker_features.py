@@ -204,10 +204,11 @@ def test_uncertainty_of_unseen_prompts_shrinks_as_related_prompts_are_seen():
     unseen = torch.tensor([27, 28, 29])  # one of each kind
     p0, u0 = tracker.predict(unseen)
     assert torch.isfinite(p0).all() and torch.equal(p0, torch.full_like(p0, 0.5))
-    assert torch.isnan(tracker.prior(unseen)).all()  # prior keeps its contract: NaN = never seen itself
+    assert torch.isnan(tracker.prior(unseen)).all()  # no estimate before any prompt was seen
     for step in range(3):
         tracker.update(*batch([0, 3, 6, 9, 2, 5], [8, 8, 7, 8, 0, 1]), step)  # kinds 0 and 2 only
     p1, u1 = tracker.predict(unseen)
+    assert torch.equal(tracker.prior(unseen), p1)  # then the features' prediction, seen or not
     var0, var1 = (u0 / (p0 * (1 - p0))) ** 2, (u1 / (p1 * (1 - p1))) ** 2  # the logit's variance
     assert var1[0] < 0.8 * var0[0] and var1[2] < 0.8 * var0[2]  # related prompts seen: less uncertain
     assert p1[0] > 0.7 and p1[2] < 0.3  # and predicted from them

@@ -364,10 +364,15 @@ class PromptTracker:
         return p, p * (1 - p) / precision.sqrt()
 
     def prior(self, prompt_ids: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
-        """Pass-rate estimates for group_advantages(prior=...): NaN for prompts never seen."""
+        """Pass-rate estimates for group_advantages(prior=...), NaN where there is none: for a
+        prompt never seen (beta, logistic), or before the first update (features, which predicts
+        never-seen prompts from their features once any prompt has been seen)."""
         ids = self._ids(prompt_ids, validate=validate)
-        mean, _ = self.predict(ids, validate=False)
-        return torch.where(self.state["last_step"][ids] >= 0, mean, torch.full_like(mean, math.nan))
+        mean = self._pass_rate(ids)
+        known = self.state["last_step"][ids] >= 0
+        if self.model == "features":
+            known = known | (self.state["weights_last_step"] >= 0)
+        return torch.where(known, mean, torch.full_like(mean, math.nan))
 
     def _sample_pass_rate(self, ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One posterior draw of each prompt's pass rate."""
