@@ -56,6 +56,7 @@ METHODS = (
     Method("band+accidental+prior", dict(band=BAND, accidental_max_successes=2), tracker="beta"),
     Method("tracker-beta", dict(band=BAND, accidental_max_successes=2), tracker="beta", select=True),
     Method("tracker-logistic", dict(band=BAND, accidental_max_successes=2), tracker="logistic", select=True),
+    Method("tracker-features", dict(band=BAND, accidental_max_successes=2), tracker="features", select=True),
 )
 MAIN = Method(
     "tracker-beta + band controller",
@@ -119,7 +120,12 @@ def train(method: Method, cfg: SimConfig, progress=None) -> History:
     lengths = torch.randint(1, cfg.max_len + 1, (cfg.num_prompts,), generator=gen)
     policy = Policy(cfg.max_len)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    tracker = PromptTracker(cfg.num_prompts, method.tracker) if method.tracker else None
+    tracker = None
+    if method.tracker == "features":  # the prompt's structure, its number of sub-steps, one-hot
+        features = torch.nn.functional.one_hot(lengths - 1, cfg.max_len).to(torch.float64)
+        tracker = PromptTracker(cfg.num_prompts, "features", features=features)
+    elif method.tracker:
+        tracker = PromptTracker(cfg.num_prompts, method.tracker)
     controller = (
         BandController(band=BAND, target_kept=0.5, step=0.02, min_width=0.2) if method.band_controller else None
     )
