@@ -240,3 +240,15 @@ print("ok")
     env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
     off = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert off.returncode != 0 and "did not load the bandadv plugin" in off.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float32, torch.bfloat16])
+def test_broadcast_over_tokens_is_verls_product_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    advantages = torch.randn(64, generator=gen)
+    advantages[:3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    mask = (torch.rand(64, 9, generator=gen) < 0.7).to(dtype)
+    ours, theirs = bv.broadcast_over_tokens(advantages, mask), advantages.unsqueeze(-1) * mask
+    assert ours.dtype == theirs.dtype and torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(torch.nan_to_num(ours), torch.nan_to_num(theirs))
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))

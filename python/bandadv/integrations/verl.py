@@ -327,8 +327,18 @@ def compute_advantage(
             scores, offsets=offsets, group_index=group_index, success=success, config=cfg, validate=False
         )
         _last["result"] = out
-        advantages = torch.mul(out.advantages.to(scores.dtype).unsqueeze(-1), response_mask)
+        advantages = broadcast_over_tokens(out.advantages.to(scores.dtype), response_mask)
     return advantages, advantages
+
+
+def broadcast_over_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``advantages[:, None] * response_mask`` (verl's broadcast), bit for bit. An integer mask
+    (verl's attention-mask slice) is converted once and multiplied in place: PyTorch's mixed-dtype
+    multiply casts element by element and costs about twice as much at long responses."""
+    if response_mask.is_floating_point() or response_mask.dtype == torch.bool:
+        return advantages.unsqueeze(-1) * response_mask
+    dtype = torch.promote_types(advantages.dtype, response_mask.dtype)
+    return response_mask.to(dtype).mul_(advantages.unsqueeze(-1))
 
 
 def _fields(cfg: AdvantageConfig) -> dict[str, Any]:
@@ -449,7 +459,7 @@ def compute_grpo_outcome_advantage(
         estimator="grpo" if norm_adv_by_std_in_grpo else "dr_grpo",
         **options,
     )
-    advantages = out.advantages.to(scores.dtype).unsqueeze(-1) * response_mask
+    advantages = broadcast_over_tokens(out.advantages.to(scores.dtype), response_mask)
     return (advantages, advantages, out) if return_result else (advantages, advantages)
 
 
