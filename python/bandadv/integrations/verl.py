@@ -5,9 +5,9 @@ verl's own registry (`verl.trainer.ppo.core_algos.register_adv_est`).
     +algorithm.bandadv.band=[0.1,0.9] +algorithm.bandadv.accidental_max_successes=1
     +algorithm.bandadv.success_key=acc
 
-They are registered when this module is imported, and by `import verl` itself through the
-`verl.plugins` entry point that bandadv's package declares (`bandadv.integrations.verl_plugin`),
-so verl's driver and Ray workers find them with no code change.
+They are registered when this module is imported, and by `import verl` itself, which loads
+the `verl.plugins` entry point bandadv's package declares (`bandadv = bandadv.integrations.verl`,
+pyproject.toml), so verl's driver and Ray workers find them with no code change.
 
 - Numbers: with no `algorithm.bandadv` options (masks off) they are verl's: `bandadv_grpo` is
   verl's `grpo` (`algorithm.norm_adv_by_std_in_grpo` honoured: False gives r - mean),
