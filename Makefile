@@ -13,7 +13,7 @@ TRL ?= trl==1.16.0 transformers==5.24.0 accelerate==1.15.0 datasets==5.2.0
 VERL ?= verl==0.9.1 tensordict==0.10.0 transferqueue==0.1.11
 VERL_IMPORTS ?= ray==2.60.0 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 orjson==3.13.0 cloudpickle \
 	importlib_metadata 'pyvers<0.2' torchdata==0.11.0 peft==0.21.2 cachetools fastapi uvicorn pyzmq msgspec psutil \
-	prometheus_client
+	prometheus_client aiohttp
 export CUDA_HOME ?= /usr/local/cuda
 
 # The oldest supported torch, as on the GPU machine that benchmarks/gpu_check.sh targets: Python

@@ -252,3 +252,14 @@ def test_broadcast_over_tokens_is_verls_product_bit_for_bit(dtype):
     assert ours.dtype == theirs.dtype and torch.equal(ours.isnan(), theirs.isnan())
     assert torch.equal(torch.nan_to_num(ours), torch.nan_to_num(theirs))
     assert torch.equal(torch.signbit(ours), torch.signbit(theirs))
+
+
+def test_adapter_imports_without_verl():
+    code = """
+import sys, numpy as np, torch
+sys.modules["verl"] = None
+from bandadv.integrations.verl import compute_grpo_outcome_advantage
+adv, _ = compute_grpo_outcome_advantage(torch.tensor([[1.0], [0.0]]), torch.ones(2, 1), np.array(["a", "a"], dtype=object))
+assert adv.flatten().tolist()[0] > 0
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
