@@ -263,3 +263,17 @@ adv, _ = compute_grpo_outcome_advantage(torch.tensor([[1.0], [0.0]]), torch.ones
 assert adv.flatten().tolist()[0] > 0
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_v1_trainer_path_reads_the_success_key():
+    data = make_batch(seed=11)
+    keys = [f"{uid}_{i}_0" for i, uid in enumerate(data.non_tensor_batch["uid"])]
+    config = algorithm("bandadv_grpo", band=[0.1, 0.9], success_key="acc")
+    out = compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="bandadv_grpo", config=config)
+    offsets, _ = bv.uid_groups(data.non_tensor_batch["uid"])
+    acc = torch.tensor(data.non_tensor_batch["acc"].astype(np.float32))
+    torch.testing.assert_close(
+        bv.last_result().stats.successes, torch.segment_reduce(acc, "sum", lengths=offsets.diff())
+    )
+    masked = ~bv.last_result().sample_mask
+    assert masked.any() and (out.batch["advantages"][masked] == 0).all()
