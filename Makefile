@@ -6,6 +6,14 @@ TORCH ?= torch==2.14.1
 PINS ?=
 # The TRL adapter's tests run TRL's trainers; pinned together (the adapter uses TRL 1.16 internals).
 TRL ?= trl==1.16.0 transformers==5.24.0 accelerate==1.15.0 datasets==5.2.0
+# The verl adapter's tests run verl 0.9.1's own trainer functions. verl pins torch 2.11 and
+# transformers < 5.11, so verl goes in without its dependencies (with tensordict 0.10, the newest it
+# allows, and the TransferQueue client its V1 trainer imports; no Ray cluster or queue is started),
+# then only what importing verl.trainer.ppo.{core_algos,ray_trainer,v1.utils} needs.
+VERL ?= verl==0.9.1 tensordict==0.10.0 transferqueue==0.1.11
+VERL_IMPORTS ?= ray==2.60.0 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 orjson==3.13.0 cloudpickle \
+	importlib_metadata 'pyvers<0.2' torchdata==0.11.0 peft==0.21.2 cachetools fastapi uvicorn pyzmq msgspec psutil \
+	prometheus_client aiohttp
 export CUDA_HOME ?= /usr/local/cuda
 
 # The oldest supported torch, as on the GPU machine that benchmarks/gpu_check.sh targets: Python
@@ -21,6 +29,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy ruff matplotlib $(PINS)
 	$(PY) -m pip install -q $(TRL) $(PINS)
+	$(PY) -m pip install -q $(VERL_IMPORTS) $(PINS)
+	$(PY) -m pip install -q --no-deps $(VERL)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/* csrc/cuda/*)
