@@ -103,3 +103,19 @@ def assert_matches_cpu_kernel(out: GroupAdvantages, cpu: GroupAdvantages) -> Non
     torch.testing.assert_close(out.advantages.cpu(), cpu.advantages, atol=2e-4, rtol=2e-4)
     for name in ("successes", "mean", "std", "pass_rate", "success_var", "reward_var"):
         torch.testing.assert_close(getattr(out.stats, name).cpu(), getattr(cpu.stats, name), atol=2e-4, rtol=2e-4)
+
+
+def tracker_batch(ids: list[int], hits: list[int], g: int = 8):
+    """Prompt ids and a GroupAdvantages for groups of g binary rewards with the given hit counts."""
+    rewards = (torch.arange(g).expand(len(hits), g) < torch.tensor(hits)[:, None]).float()
+    return torch.tensor(ids), bandadv.group_advantages(rewards.flatten(), g)
+
+
+def merged_counts(ids, out) -> dict[int, list[float]]:
+    """(n, k) summed per prompt id, for prompts with any valid sample: what a tracker update sees."""
+    totals: dict[int, list[float]] = {}
+    for pid, n, k in zip(ids.tolist(), out.stats.count.tolist(), out.stats.successes.tolist(), strict=True):
+        total = totals.setdefault(pid, [0.0, 0.0])
+        total[0] += n
+        total[1] += k
+    return {pid: v for pid, v in sorted(totals.items()) if v[0] > 0}

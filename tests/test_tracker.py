@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import pytest
 import torch
 
 import bandadv
 from bandadv import BandController, PromptTracker
-
-
-def batch(ids: list[int], hits: list[int], g: int = 8):
-    """A GroupAdvantages for groups of g binary rewards with the given hit counts."""
-    rewards = (torch.arange(g).expand(len(hits), g) < torch.tensor(hits)[:, None]).float()
-    return torch.tensor(ids), bandadv.group_advantages(rewards.flatten(), g)
-
-
-def merged(ids, out):
-    totals = defaultdict(lambda: [0.0, 0.0])
-    for pid, n, k in zip(ids.tolist(), out.stats.count.tolist(), out.stats.successes.tolist(), strict=True):
-        totals[pid][0] += n
-        totals[pid][1] += k
-    return {pid: v for pid, v in sorted(totals.items()) if v[0] > 0}
+from conftest import merged_counts, tracker_batch
 
 
 def random_updates(num_prompts: int, steps: int, seed: int):
@@ -34,7 +20,7 @@ def random_updates(num_prompts: int, steps: int, seed: int):
         groups = int(torch.randint(1, 12, (1,), generator=gen))
         ids = torch.randint(0, num_prompts, (groups,), generator=gen).tolist()  # duplicates on purpose
         hits = torch.randint(0, 9, (groups,), generator=gen).tolist()
-        yield step, *batch(ids, hits)
+        yield step, *tracker_batch(ids, hits)
 
 
 def test_beta_update_matches_plain_reimplementation():
@@ -43,7 +29,7 @@ def test_beta_update_matches_plain_reimplementation():
     alpha, beta, last = [a0] * num, [b0] * num, [-1] * num
     for step, ids, out in random_updates(num, 40, seed=0):
         tracker.update(ids, out, step)
-        for pid, (n, k) in merged(ids, out).items():
+        for pid, (n, k) in merged_counts(ids, out).items():
             f = lam ** (step - last[pid]) if last[pid] >= 0 else 0.0
             alpha[pid] = f * alpha[pid] + (1 - f) * a0 + k
             beta[pid] = f * beta[pid] + (1 - f) * b0 + (n - k)
@@ -65,7 +51,7 @@ def test_logistic_update_matches_plain_reimplementation():
     for step, ids, out in random_updates(num, 40, seed=1):
         tracker.update(ids, out, step)
         rows = []
-        for pid, (n, k) in merged(ids, out).items():
+        for pid, (n, k) in merged_counts(ids, out).items():
             f = lam ** (step - last[pid]) if last[pid] >= 0 else 0.0
             p = sig(theta - d[pid])
             info = n * p * (1 - p)
@@ -84,7 +70,7 @@ def test_logistic_update_matches_plain_reimplementation():
 def test_logistic_predictions_follow_ability_for_unseen_prompts():
     tracker = PromptTracker(10, "logistic")
     for step in range(10):  # the policy keeps solving prompts 0..4
-        tracker.update(*batch([0, 1, 2, 3, 4], [8, 8, 7, 8, 8]), step)
+        tracker.update(*tracker_batch([0, 1, 2, 3, 4], [8, 8, 7, 8, 8]), step)
     p, _ = tracker.predict(torch.tensor([9]))
     assert p.item() > 0.6  # never seen, yet predicted easier than at the start (0.5)
     assert math.isnan(tracker.prior(torch.tensor([9])).item())
@@ -96,7 +82,7 @@ def _trained(model: str) -> PromptTracker:
     gen = torch.Generator().manual_seed(4)
     for step in range(20):
         hits = [int((torch.rand(16, generator=gen) < r).sum()) for r in rates]
-        tracker.update(*batch(list(range(30)), hits, g=16), step)
+        tracker.update(*tracker_batch(list(range(30)), hits, g=16), step)
     return tracker
 
 
@@ -133,7 +119,7 @@ def test_band_learnability_and_greso_strategies():
     # GRESO: prompts whose groups keep having zero variance are skipped more often.
     greso = PromptTracker(20, "beta")
     for step in range(6):
-        greso.update(*batch(list(range(20)), [0] * 10 + [4] * 10), step)
+        greso.update(*tracker_batch(list(range(20)), [0] * 10 + [4] * 10), step)
     picks = torch.zeros(20)
     for _ in range(100):
         picks[greso.select(torch.arange(20), 5, "greso", gen)] += 1
@@ -164,7 +150,7 @@ def test_resume_is_bitwise(model):
 
 def test_bad_input_raises():
     tracker = PromptTracker(10)
-    ids, out = batch([1, 2], [3, 4])
+    ids, out = tracker_batch([1, 2], [3, 4])
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
         tracker.update(torch.tensor([1, 10]), out, 0)
     with pytest.raises(ValueError, match="must lie in"):

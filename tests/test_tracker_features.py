@@ -4,7 +4,6 @@ claim: prompts never seen are ranked by difficulty from what they share with the
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -15,20 +14,7 @@ from hypothesis import strategies as st
 import bandadv
 from bandadv import PromptTracker
 from bandadv.tracker import features_from_texts
-
-
-def batch(ids: list[int], hits: list[int], g: int = 8):
-    """A GroupAdvantages for groups of g binary rewards with the given hit counts."""
-    rewards = (torch.arange(g).expand(len(hits), g) < torch.tensor(hits)[:, None]).float()
-    return torch.tensor(ids), bandadv.group_advantages(rewards.flatten(), g)
-
-
-def merged(ids, out):
-    totals = defaultdict(lambda: [0.0, 0.0])
-    for pid, n, k in zip(ids.tolist(), out.stats.count.tolist(), out.stats.successes.tolist(), strict=True):
-        totals[pid][0] += n
-        totals[pid][1] += k
-    return {pid: v for pid, v in sorted(totals.items()) if v[0] > 0}
+from conftest import merged_counts, tracker_batch
 
 
 def random_updates(num_prompts: int, steps: int, seed: int, g: int = 8):
@@ -39,7 +25,7 @@ def random_updates(num_prompts: int, steps: int, seed: int, g: int = 8):
         groups = int(torch.randint(1, 12, (1,), generator=gen))
         ids = torch.randint(0, num_prompts, (groups,), generator=gen).tolist()  # duplicates on purpose
         hits = torch.randint(0, g + 1, (groups,), generator=gen).tolist()
-        yield step, *batch(ids, hits, g)
+        yield step, *tracker_batch(ids, hits, g)
 
 
 def sig(v):
@@ -118,13 +104,13 @@ def test_update_matches_plain_reimplementation(seed, num, d, lam, prec0, weight_
     ref = Reference(x_np, lam, prec0, wprec0, step_size)
     for step, ids, out in random_updates(num, 15, seed):
         tracker.update(ids, out, step)
-        ref.update(merged(ids, out), step)
+        ref.update(merged_counts(ids, out), step)
     assert tracker.state["ability"].item() == pytest.approx(ref.theta, rel=1e-9, abs=1e-12)
     np.testing.assert_allclose(tracker.state["weights"].numpy(), ref.w, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(tracker.state["difficulty"][:num].numpy(), ref.b, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(tracker.state["precision"][:num].numpy(), ref.prec, rtol=1e-10)
     later = tracker.step + 3  # an empty batch moves the clock: predictions see the decay
-    tracker.update(torch.tensor([], dtype=torch.int64), batch([], [])[1], later)
+    tracker.update(torch.tensor([], dtype=torch.int64), tracker_batch([], [])[1], later)
     mean, std = tracker.predict(torch.arange(num))
     ref_mean, ref_std = ref.predict(later)
     # sigmoid's relative error in the tails grows with |logit| (weak priors with strong forgetting
@@ -206,7 +192,7 @@ def test_uncertainty_of_unseen_prompts_shrinks_as_related_prompts_are_seen():
     assert torch.isfinite(p0).all() and torch.equal(p0, torch.full_like(p0, 0.5))
     assert torch.isnan(tracker.prior(unseen)).all()  # no estimate before any prompt was seen
     for step in range(3):
-        tracker.update(*batch([0, 3, 6, 9, 2, 5], [8, 8, 7, 8, 0, 1]), step)  # kinds 0 and 2 only
+        tracker.update(*tracker_batch([0, 3, 6, 9, 2, 5], [8, 8, 7, 8, 0, 1]), step)  # kinds 0 and 2 only
     p1, u1 = tracker.predict(unseen)
     assert torch.equal(tracker.prior(unseen), p1)  # then the features' prediction, seen or not
     var0, var1 = (u0 / (p0 * (1 - p0))) ** 2, (u1 / (p1 * (1 - p1))) ** 2  # the logit's variance
@@ -222,7 +208,7 @@ def test_thompson_draws_share_the_weights_posterior():
     # and each draw has the predictive variance 1/prec_b + x^T P^-1 x.
     x = torch.nn.functional.one_hot(torch.arange(12) % 3, 3).double()
     tracker = PromptTracker(12, "features", features=x, feature_prior_precision=0.5)
-    tracker.update(*batch([0, 1, 2], [7, 4, 1]), 0)
+    tracker.update(*tracker_batch([0, 1, 2], [7, 4, 1]), 0)
     gen = torch.Generator().manual_seed(1)
     ids = torch.tensor([3, 6, 4])  # 3 and 6 same kind (0), 4 kind 1
     draws = 2000  # sampling error: ~3% on a variance, ~0.04 on a covariance or mean of ~1.5 variance
@@ -245,7 +231,7 @@ def test_thompson_explores_fresh_prompts_toward_the_band():
     rate = torch.tensor([0.03, 0.5, 0.97])
     seen = torch.arange(30)  # 10 of each kind, once
     hits = (torch.rand(30, 16, generator=gen) < rate[kinds[seen], None]).sum(1).tolist()
-    tracker.update(*batch(seen.tolist(), hits, g=16), 0)
+    tracker.update(*tracker_batch(seen.tolist(), hits, g=16), 0)
     fresh = torch.arange(30, 300)
     picks = torch.zeros(3)
     for _ in range(50):
@@ -271,7 +257,7 @@ def test_band_and_learnability_use_the_feature_prediction():
     x = torch.nn.functional.one_hot(torch.arange(30) % 3, 3).double()
     tracker = PromptTracker(30, "features", features=x)
     for step in range(5):
-        tracker.update(*batch([0, 1, 2], [0, 4, 8]), step)  # kinds 0 hard, 1 medium, 2 easy
+        tracker.update(*tracker_batch([0, 1, 2], [0, 4, 8]), step)  # kinds 0 hard, 1 medium, 2 easy
     medium = [i for i in range(3, 30) if i % 3 == 1]
     gen = torch.Generator().manual_seed(2)
     assert sorted(tracker.select(torch.arange(3, 30), 9, "learnability", gen).tolist()) == medium
@@ -315,9 +301,9 @@ def test_resume_is_bitwise_and_duplicates_deterministic():
 def test_duplicate_ids_merge_like_one_group():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     split = PromptTracker(6, "features", features=x)
-    split.update(*batch([2, 4, 2, 2], [1, 5, 3, 8]), 0)  # prompt 2: 12 of 24, as one group would be
+    split.update(*tracker_batch([2, 4, 2, 2], [1, 5, 3, 8]), 0)  # prompt 2: 12 of 24, as one group would be
     shuffled = PromptTracker(6, "features", features=x)
-    shuffled.update(*batch([2, 2, 4, 2], [8, 3, 5, 1]), 0)
+    shuffled.update(*tracker_batch([2, 2, 4, 2], [8, 3, 5, 1]), 0)
     for name, value in split.state.items():
         torch.testing.assert_close(value, shuffled.state[name], rtol=1e-14, atol=1e-15)
     ref = Reference(x.numpy(), 0.95, 1.0, split.feature_prior_precision, 0.5)
@@ -394,7 +380,7 @@ def test_weights_and_residuals_step_is_the_joint_newton_step():
         tracker.update(ids, out, step)
     s = {name: value.clone().numpy() for name, value in tracker.state.items()}
     step = tracker.step + 2
-    ids, out = batch([1, 5, 7, 10], [0, 3, 6, 8])
+    ids, out = tracker_batch([1, 5, 7, 10], [0, 3, 6, 8])
     tracker.update(ids, out, step)
     rows, X = ids.numpy(), x.numpy()[ids.numpy()]
     theta = tracker.state["ability"].item()  # checked against the reference elsewhere
