@@ -58,6 +58,11 @@ test: build
 # The whole suite again on the oldest supported torch, in its own .venv-oldest (the in-place
 # builds of two Pythons sit side by side: _C.cpython-3XX-....so).
 test-oldest:
+	$(MAKE) setup $(OLDEST)
+	@# what the trainers' packages install beside it must not have moved torch, Triton or NumPy
+	.venv-oldest/bin/python -c "import sys, torch, triton, numpy; v = (torch.__version__, triton.__version__, \
+		numpy.__version__); print('oldest:', *v); sys.exit(not (v[0].startswith('2.11.0') and v[1] == '3.6.0' \
+		and tuple(map(int, v[2].split('.')[:2])) < (2, 4)))"
 	$(MAKE) test $(OLDEST)
 
 # This build loaded under another torch (torch 2.11.0 beside the same Python, in .venv-other-torch):
