@@ -35,6 +35,7 @@ pyproject.toml), so verl's driver and Ray workers find them with no code change.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
@@ -312,7 +313,7 @@ def compute_advantage(
         if norm_adv_by_std_in_grpo is None:
             norm_adv_by_std_in_grpo = bool(_get(config, "norm_adv_by_std_in_grpo", True))
         if not norm_adv_by_std_in_grpo:
-            cfg = AdvantageConfig.from_preset(None, **{**_fields(cfg), "estimator": "dr_grpo", "scale": None})
+            cfg = dataclasses.replace(cfg, estimator="dr_grpo", scale=None)
     eps = options.epsilon if options.epsilon is not None else epsilon
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
@@ -322,7 +323,7 @@ def compute_advantage(
             success = _success(options.success_key, n, scores.device, non_tensor_batch, batch)
         offsets, group_index = uid_groups(index, scores.device)
         if cfg.estimator == "grpo" and cfg.eps != eps:
-            cfg = AdvantageConfig.from_preset(None, **{**_fields(cfg), "eps": float(eps)})
+            cfg = dataclasses.replace(cfg, eps=float(eps))
         out = group_advantages(
             scores, offsets=offsets, group_index=group_index, success=success, config=cfg, validate=False
         )
@@ -339,10 +340,6 @@ def broadcast_over_tokens(advantages: torch.Tensor, response_mask: torch.Tensor)
         return advantages.unsqueeze(-1) * response_mask
     dtype = torch.promote_types(advantages.dtype, response_mask.dtype)
     return response_mask.to(dtype).mul_(advantages.unsqueeze(-1))
-
-
-def _fields(cfg: AdvantageConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
 def compute_bandadv_grpo_advantage(
