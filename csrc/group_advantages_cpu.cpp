@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "group_math.h"
-#include "op_common.h"
+#include "op_entry.h"
 
 namespace bandadv {
 namespace {
@@ -484,7 +484,7 @@ struct CpuBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bandadv, CPU, m) { m.impl("group_advantages", &group_advantages_entry<CpuBackend>); }
+TORCH_LIBRARY_IMPL(bandadv, CPU, m) { register_kernels<CpuBackend>(m); }
 
 }  // namespace bandadv
 

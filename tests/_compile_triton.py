@@ -35,9 +35,9 @@ def main_kernel(reward: str, arch: int, **flags) -> None:
         "REWARDS": f"*{reward}", "SUCCESS": f"*{acc}", "VALID": "*i1", "PRIOR": f"*{acc}", "OFFSETS": "*i64",
         "BATCH_STD": f"*{acc}", "ADVANTAGES": f"*{acc}", "SAMPLE_MASK": "*i1", "REASON": "*i32", "GROUP_MASK": "*i1",
         "COUNT": "*i32", "SUCCESSES": f"*{acc}", "MEAN": f"*{acc}", "STD": f"*{acc}", "PASS_RATE": f"*{acc}",
-        "SUCCESS_VAR": f"*{acc}", "REWARD_VAR": f"*{acc}", "KEPT_COUNT": "*i64",
+        "SUCCESS_VAR": f"*{acc}", "REWARD_VAR": f"*{acc}", "KEPT_COUNT": "*i64", "BAD_OFFSETS": "*i32",
     }  # fmt: skip
-    scalars = {"num_groups": "i32", "group_size": "i32"}
+    scalars = {"num_groups": "i32", "num_samples": "i32", "group_size": "i32"}
     scalars |= dict.fromkeys(
         ["eps", "band_lo", "band_hi", "min_std", "accidental_max", "accidental_prior_max", "accidental_clip"], "i64"
     )
@@ -70,7 +70,7 @@ if __name__ == "__main__":
         compile_kernel(
             ga._kept_index_kernel,
             {"SAMPLE_MASK": "*i1", "OFFSETS": "*i64", "FIRST_SLOT": "*i64", "KEPT_INDEX": "*i64"},
-            {"num_groups": "i32", "group_size": "i32"},
+            {"num_groups": "i32", "num_samples": "i32", "group_size": "i32"},
             {"FIXED": fixed, "ROWS": 16, "BLOCK": 128},
             90,
         )

@@ -252,3 +252,54 @@ def test_readme_usage_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].advantages.shape == (512 * 16,)
     assert torch.isfinite(namespace["loss"])
+
+
+def _tensors(out: bandadv.GroupAdvantages) -> list[torch.Tensor]:
+    return [
+        out.advantages,
+        out.sample_mask,
+        out.reason,
+        out.group_mask,
+        out.stats.count,
+        out.stats.values,
+        out.num_kept,
+    ]
+
+
+@pytest.mark.parametrize("return_index", [False, True])
+def test_out_reuses_an_earlier_result(backend, return_index):
+    # A trainer passes last step's result: the new results land in its tensors, equal to a fresh call's.
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5, 0, 8, 1, 16, 3]
+    layout = {"offsets": make_offsets(sizes)}
+    kw = dict(backend=backend, return_index=return_index, band=(0.2, 0.8), accidental_max_successes=1, **layout)
+    first = bandadv.group_advantages(torch.rand(33, generator=gen), **kw)
+    before = [t.clone() for t in _tensors(first)]
+    rewards = (torch.rand(33, generator=gen) < 0.5).float()
+    again = bandadv.group_advantages(rewards, out=first, **kw)
+    fresh = bandadv.group_advantages(rewards, **kw)
+    for a, b, f in zip(_tensors(again), _tensors(first), _tensors(fresh), strict=True):
+        assert a.data_ptr() == b.data_ptr() and torch.equal(a, f)
+    assert any(not torch.equal(t, old) for t, old in zip(_tensors(again), before, strict=True))
+    if return_index:
+        assert again.kept_index.data_ptr() == first.kept_index.data_ptr() and torch.equal(
+            again.kept_index, fresh.kept_index
+        )
+    else:
+        assert again.kept_index is None
+
+
+def test_out_must_match_the_call(backend):
+    first = bandadv.group_advantages(torch.rand(32), 8, backend=backend)
+    with pytest.raises(ValueError, match=r"out advantages must be a contiguous torch\.float32 tensor of shape \[48\]"):
+        bandadv.group_advantages(torch.rand(48), 8, backend=backend, out=first)
+    with pytest.raises(ValueError, match="out reason must be"):
+        bandadv.group_advantages(torch.rand(32), 4, backend=backend, out=first)
+    with pytest.raises(ValueError, match=r"out advantages must be a contiguous torch\.float64"):
+        bandadv.group_advantages(torch.rand(32, dtype=torch.float64), 8, backend=backend, out=first)
+    with pytest.raises(ValueError, match="return_index"):
+        bandadv.group_advantages(torch.rand(32), 8, backend=backend, out=first, return_index=True)
+    with pytest.raises(ValueError, match="group_index"):
+        bandadv.group_advantages(torch.rand(32), group_index=torch.arange(32) // 8, backend=backend, out=first)
+    with pytest.raises(TypeError, match="out must be a GroupAdvantages"):
+        bandadv.group_advantages(torch.rand(32), 8, backend=backend, out=first.advantages)

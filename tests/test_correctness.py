@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -113,7 +115,7 @@ def _config_strategy():
 def cases(draw):
     config = draw(_config_strategy())
     if config.estimator == "grpo":
-        config = AdvantageConfig(**{**config.__dict__, "scale": draw(st.sampled_from(["group", "batch", "none"]))})
+        config = dataclasses.replace(config, scale=draw(st.sampled_from(["group", "batch", "none"])))
     ragged = draw(st.booleans())
     if ragged:
         sizes = draw(st.lists(st.integers(0, 12) | st.integers(13, 1100), min_size=0, max_size=30))

@@ -17,7 +17,7 @@ from test_correctness import cases
 
 import bandadv
 from bandadv import AdvantageConfig
-from bandadv.advantages import _from_op_outputs
+from bandadv.advantages import _result
 from conftest import assert_matches_cpu_kernel, assert_matches_reference, make_offsets, random_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,8 @@ def emulated(tmp_path_factory):
 
     if not hasattr(torch.ops.bandadv_emulator, "configure"):
         lib = torch.library.Library("bandadv_emulator", "DEF")
-        lib.define(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
+        lib.define(reordered_schema())
+        lib.define(bandadv.ops.out_schema(reordered_schema()))
         lib.define("configure(int max_threads, int seed) -> ()")
         lib.define("counters() -> int[]")
         _LIBRARIES.append(lib)
@@ -48,9 +49,27 @@ def emulated(tmp_path_factory):
     return torch.ops.bandadv_emulator
 
 
-def run_emulated(ops, rewards, config, *, group_size=0, offsets=None, success=None, valid=None, prior=None):
+def reordered_schema() -> str:
+    """bandadv's schema with the options in reverse order. The kernels read their arguments by
+    name (csrc/op_entry.h), so every test here, calling the emulated op by name, also checks
+    that no argument's position is assumed in C++."""
+    schema = bandadv.ops.GROUP_ADVANTAGES_SCHEMA
+    head, rest = schema.split("(", 1)
+    arguments, returns = rest.split(") -> ", 1)
+    arguments = arguments.split(", ")
+    inputs, trailing = len(bandadv.ops.INPUT_NAMES), len(bandadv.ops.TRAILING_NAMES)
+    options = arguments[inputs:-trailing]
+    assert options[0].endswith(" estimator") and len(options) > 10
+    return f"{head}({', '.join(arguments[:inputs] + options[::-1] + arguments[-trailing:])}) -> {returns}"
+
+
+def call_emulated(ops, rewards, config, *, group_size=0, offsets=None, success=None, valid=None, prior=None):
     args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), True)
-    return _from_op_outputs(ops.group_advantages.default(*args), return_index=True)
+    return ops.group_advantages.default(**bandadv.ops.bind(args, {}))
+
+
+def run_emulated(ops, rewards, config, **layout):
+    return _result(call_emulated(ops, rewards, config, **layout), return_index=True)
 
 
 def run_cpu(rewards, config, **layout):
@@ -135,9 +154,7 @@ def test_results_do_not_depend_on_block_order(emulated):
     for max_threads, seed in ((256, 0), (4096, 1), (16384, 2)):
         emulated.configure(max_threads, seed)
         try:
-            runs.append(
-                emulated.group_advantages.default(rewards, 0, offsets, None, None, None, *config.op_args(), True)
-            )
+            runs.append(call_emulated(emulated, rewards, config, offsets=offsets))
         finally:
             emulated.configure(12288, 0)
     for other in runs[1:]:
@@ -158,3 +175,44 @@ def test_vector_loads_cut_warp_operations(emulated, group_size):
         run_emulated(emulated, r, config, group_size=group_size)
         per_sample[name] = emulated.counters()[0] / r.numel()
     assert per_sample["misaligned"] > 4 * per_sample["aligned"], per_sample
+
+
+BAD_OFFSETS = {
+    "start": [1, 5, 12],
+    "end short": [0, 5, 11],
+    "end past N": [0, 5, 20],
+    "decreasing": [0, 8, 4, 12],
+    "negative": [0, -4, 12],
+    "far past N": [0, 1 << 40, 12],
+}
+
+
+@pytest.mark.parametrize("name", BAD_OFFSETS)
+def test_bad_offsets_fail_on_the_device(emulated, name):
+    # The CUDA kernels read offsets on the device only (no host sync, so validate=False and CUDA
+    # graphs skip the host check): they assert there, naming offsets, and read a group with bad
+    # bounds as empty. Every tensor is guarded, so any access outside one would fault here.
+    rewards = torch.rand(12)
+    offsets = torch.tensor(BAD_OFFSETS[name])
+    with pytest.raises(ValueError, match=r"device-side assert: bandadv\.group_advantages: offsets must start at 0"):
+        call_emulated(emulated, rewards, AdvantageConfig(), offsets=offsets)
+    out = run_emulated(emulated, rewards, AdvantageConfig(), offsets=torch.tensor([0, 5, 12]))  # still usable
+    assert int(out.num_kept) == 12
+
+
+def test_out_form_writes_the_callers_buffers(emulated):
+    # The out= overload (csrc/op_entry.h) runs the same kernels on the caller's tensors.
+    gen = torch.Generator().manual_seed(4)
+    sizes = [7, 0, 33, 1, 64, 5]
+    rewards = random_rewards(sum(sizes), "ternary", gen)
+    config = AdvantageConfig(band=(0.2, 0.8), accidental_max_successes=1)
+    args = (rewards, 0, make_offsets(sizes), None, None, None, *config.op_args(), True)
+    fresh = emulated.group_advantages.default(**bandadv.ops.bind(args, {}))
+    buffers = {name: torch.full_like(t, 3) for name, t in zip(bandadv.ops.OUTPUT_NAMES, fresh, strict=True)}
+    emulated.group_advantages.out(**bandadv.ops.bind(args, {}), **buffers)
+    for name, written, expected in zip(bandadv.ops.OUTPUT_NAMES, buffers.values(), fresh, strict=True):
+        torch.testing.assert_close(written, expected, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="out group_stats must be a contiguous"):
+        emulated.group_advantages.out(
+            **bandadv.ops.bind(args, {}), **{**buffers, "group_stats": buffers["group_stats"].t()}
+        )

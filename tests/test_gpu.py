@@ -38,7 +38,7 @@ def run_gpu(rewards, backend, config, return_index=True, **kwargs):
     out = bandadv.GroupAdvantages(
         advantages=cpu(out.advantages), sample_mask=cpu(out.sample_mask), reason=cpu(out.reason),
         group_mask=cpu(out.group_mask), num_kept=cpu(out.num_kept), kept_index=cpu(out.kept_index),
-        stats=bandadv.GroupStats(**{k: cpu(getattr(out.stats, k)) for k in out.stats.__dataclass_fields__}),
+        stats=bandadv.GroupStats(count=cpu(out.stats.count), values=cpu(out.stats.values)),
     )  # fmt: skip
     return out, ref
 

@@ -48,8 +48,11 @@ def test_fake_tensor_shapes():
         rewards = torch.empty(96, dtype=torch.bfloat16)
         outs = op(*_op_args(rewards, group_size=16, return_index=True)[0], **_op_args(rewards, return_index=True)[1])
     shapes = [tuple(t.shape) for t in outs]
-    assert shapes == [(96,), (96,), (6,), (6,), (6,), (6,), (6,), (6,), (6,), (6,), (6,), (), (96,)]
-    assert outs[0].dtype == torch.float32 and outs[2].dtype == torch.int32 and outs[12].dtype == torch.int64
+    assert shapes == [(96,), (96,), (6,), (6,), (6,), (6, 6), (), (96,)]
+    dtypes = [t.dtype for t in outs]
+    assert (
+        dtypes == [torch.float32, torch.bool, torch.int32, torch.bool, torch.int32, torch.float32] + [torch.int64] * 2
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -101,3 +104,63 @@ def test_deterministic_across_runs_and_thread_counts(backend):
     again = run()
     for a, b, c in zip(first, single, again, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_interface_is_checked_against_the_config():
+    # The options' order in the schema is AdvantageConfig's field order: two bool options with the
+    # same default swapped in either place fail at import (check_interface), not silently.
+    schema = bandadv.ops.GROUP_ADVANTAGES_SCHEMA
+    names = bandadv.config.OPTION_NAMES
+    assert bandadv.ops.check_interface(schema, names) == bandadv.ops.ARG_NAMES
+    swapped_schema = schema.replace("bool band_inclusive", "bool TMP").replace(
+        "bool mask_too_few", "bool band_inclusive"
+    )
+    swapped_schema = swapped_schema.replace("bool TMP", "bool mask_too_few")
+    i, j = names.index("band_inclusive"), names.index("mask_too_few")
+    swapped_names = list(names)
+    swapped_names[i], swapped_names[j] = names[j], names[i]
+    for args in ((swapped_schema, names), (schema, tuple(swapped_names))):
+        with pytest.raises(RuntimeError, match="band_inclusive"):
+            bandadv.ops.check_interface(*args)
+
+
+def test_config_op_args_follow_the_schema():
+    config = AdvantageConfig(band=(0.2, 0.7), band_inclusive=False, mask_too_few=False, min_std=0.1)
+    bound = bandadv.ops.bind((None,) * len(bandadv.ops.INPUT_NAMES) + config.op_args() + (True,), {})
+    assert bound["band"] == [0.2, 0.7] and bound["band_inclusive"] is False and bound["mask_too_few"] is False
+    assert bound["min_std"] == 0.1 and bound["return_index"] is True
+    assert {name: bound[name] for name in bandadv.config.OPTION_NAMES if name != "band"} == {
+        name: getattr(config, name) for name in bandadv.config.OPTION_NAMES if name != "band"
+    }
+
+
+def test_triton_signature_is_the_schema():
+    # The Triton op's schema is inferred from a signature built from GROUP_ADVANTAGES_SCHEMA.
+    inferred = torch._C.parse_schema("x" + torch.library.infer_schema(bandadv.ops._triton_op_impl, mutates_args=()))
+    expected = torch._C.parse_schema(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
+    assert [(a.name, str(a.type)) for a in inferred.arguments] == [(a.name, str(a.type)) for a in expected.arguments]
+    assert len(inferred.returns) == len(expected.returns)
+
+
+def test_group_stats_rows_by_name():
+    values = torch.arange(6 * 3, dtype=torch.float32).view(6, 3)
+    stats = bandadv.GroupStats(count=torch.tensor([1, 2, 3], dtype=torch.int32), values=values)
+    for row, name in enumerate(bandadv.types.STAT_NAMES):
+        assert torch.equal(getattr(stats, name), values[row]) and getattr(stats, name).is_contiguous()
+    assert list(stats.as_dict()) == ["count", *bandadv.types.STAT_NAMES]
+
+
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_opcheck_out_form(case):
+    # group_advantages.out writes into the caller's buffers (the public call's out=); the fallback
+    # kernel (the reference, where no kernel was compiled) writes the same numbers.
+    args, kwargs = case
+    outs = op(*args, **kwargs)
+    buffers = {name: torch.full_like(t, 7) for name, t in zip(bandadv.ops.OUTPUT_NAMES, outs, strict=True)}
+    torch.library.opcheck(torch.ops.bandadv.group_advantages.out, args, {**kwargs, **buffers})
+    assert torch.ops.bandadv.group_advantages.out(*args, **kwargs, **buffers) is None
+    fallback = {name: torch.full_like(t, 7) for name, t in buffers.items()}
+    bandadv.ops._reference_out_op(*args, **kwargs, **fallback)
+    for name, w, f, o in zip(bandadv.ops.OUTPUT_NAMES, buffers.values(), fallback.values(), outs, strict=True):
+        torch.testing.assert_close(w, o, rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(f, o, rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)

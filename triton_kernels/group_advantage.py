@@ -39,15 +39,42 @@ def _f64(bits):
 
 
 @triton.jit
-def _group_bounds(OFFSETS, rows, row_ok, group_size, FIXED: tl.constexpr):
+def _div(a, b, ACC: tl.constexpr):
+    """a / b rounded to nearest, as in C++ and CUDA: Triton's float32 `/` is an approximate
+    division on the GPU (its float64 `/` is IEEE)."""
+    if ACC == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    """sqrt rounded to nearest: Triton's float32 tl.sqrt is approximate on the GPU."""
+    if ACC == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _group_bounds(OFFSETS, rows, row_ok, num_groups, num_samples, group_size, FIXED: tl.constexpr):
+    """Each row's first sample and size, and whether its offsets are bad: out of order or outside
+    [0, N], a first one that is not 0 or a last one that is not N (offsets are read on the device
+    only). A row with bad offsets reads as empty, so no access leaves the tensors."""
     if FIXED:
         begin = rows.to(tl.int64) * group_size
-        end = begin + group_size
+        size = tl.where(row_ok, group_size, 0).to(tl.int64)
+        bad = rows < 0  # all False
     else:
         begin = tl.load(OFFSETS + rows, mask=row_ok, other=0).to(tl.int64)
         end = tl.load(OFFSETS + rows + 1, mask=row_ok, other=0).to(tl.int64)
-    size = tl.where(row_ok, end - begin, 0)
-    return begin, size
+        good = (begin >= 0) & (begin <= end) & (end <= num_samples)
+        good = good & ((rows > 0) | (begin == 0)) & ((rows < num_groups - 1) | (end == num_samples))
+        bad = row_ok & ~good
+        begin = tl.where(good, begin, 0)
+        size = tl.where(row_ok & good, end - begin, 0)
+    return begin, size, bad
 
 
 @triton.jit
@@ -81,12 +108,12 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
     mean = tl.where(all_equal, lo, mean)
     m2 = tl.where(all_equal, 0.0, m2)
     if UNBIASED:
-        var = tl.where(n_i >= 2, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+        var = tl.where(n_i >= 2, _div(m2, tl.maximum(n - 1.0, 1.0), ACC), 0.0)
     else:
-        var = tl.where(n_i >= 2, m2 / tl.maximum(n, 1.0), 0.0)
-    std = tl.sqrt(var)
+        var = tl.where(n_i >= 2, _div(m2, tl.maximum(n, 1.0), ACC), 0.0)
+    std = _sqrt(var, ACC)
     mean = tl.where(n_i > 0, mean, 0.0)
-    pass_rate = tl.where(n_i > 0, k / tl.maximum(n, 1.0), 0.0)
+    pass_rate = tl.where(n_i > 0, _div(k, tl.maximum(n, 1.0), ACC), 0.0)
     success_var = pass_rate * (1.0 - pass_rate)
 
     reason = tl.zeros(n_i.shape, dtype=tl.int32)
@@ -133,11 +160,11 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
     denom = tl.full(n_i.shape, 1.0, ACC)
     if ESTIMATOR == GRPO:
         if SCALE == SCALE_GROUP:
-            denom = group_std + eps
+            denom = group_std + eps.to(ACC)  # eps rounded to ACC first, as acc_t(o.eps) in C++
         if SCALE == SCALE_BATCH:
-            denom = denom * 0.0 + batch_std + eps
+            denom = denom * 0.0 + batch_std + eps.to(ACC)
     if ESTIMATOR == RLOO:
-        factor = tl.where(n_i >= 2, n / tl.maximum(n - 1.0, 1.0), factor)
+        factor = tl.where(n_i >= 2, _div(n, tl.maximum(n - 1.0, 1.0), ACC), factor)
     factor = tl.where(lone & ~raw, 0.0, factor)
     factor = tl.where(kept, factor, 0.0)
     return mean, std, var, pass_rate, success_var, reason, kept, clip, center, factor, denom
@@ -147,8 +174,8 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
 def _group_advantages_fwd_kernel(
     REWARDS, SUCCESS, VALID, PRIOR, OFFSETS, BATCH_STD,
     ADVANTAGES, SAMPLE_MASK, REASON, GROUP_MASK, COUNT, SUCCESSES, MEAN, STD, PASS_RATE, SUCCESS_VAR, REWARD_VAR,
-    KEPT_COUNT,
-    num_groups, group_size,
+    KEPT_COUNT, BAD_OFFSETS,
+    num_groups, num_samples, group_size,
     eps, band_lo, band_hi, min_std, accidental_max, accidental_prior_max, accidental_clip,
     ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr, SINGLETON_RAW: tl.constexpr,
     MASK_ALL_EQUAL: tl.constexpr, USE_BAND: tl.constexpr, BAND_INCLUSIVE: tl.constexpr,
@@ -165,7 +192,9 @@ def _group_advantages_fwd_kernel(
     accidental_clip = _f64(accidental_clip)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
-    begin, size = _group_bounds(OFFSETS, rows, row_ok, group_size, FIXED)
+    begin, size, bad = _group_bounds(OFFSETS, rows, row_ok, num_groups, num_samples, group_size, FIXED)
+    if not FIXED and not MOMENTS_ONLY:
+        tl.atomic_add(BAD_OFFSETS, tl.sum(bad.to(tl.int32), axis=0))
     longest = tl.max(size, axis=0)
     cols = tl.arange(0, BLOCK)
 
@@ -179,11 +208,11 @@ def _group_advantages_fwd_kernel(
         r, s, ok, idx = _load_chunk(REWARDS, SUCCESS, VALID, begin, size, start, cols, HAS_SUCCESS, HAS_VALID, ACC)
         cn = tl.sum(ok.to(tl.int32), axis=1)
         cnf = tl.maximum(cn, 1).to(ACC)
-        shift = tl.sum(tl.where(ok, r, 0.0), axis=1) / cnf
+        shift = _div(tl.sum(tl.where(ok, r, 0.0), axis=1), cnf, ACC)
         d = tl.where(ok, r - shift[:, None], 0.0)
         sum_d = tl.sum(d, axis=1)
-        cmean = shift + sum_d / cnf  # set_two_pass
-        cm2 = tl.maximum(tl.sum(d * d, axis=1) - sum_d * (sum_d / cnf), 0.0)
+        cmean = shift + _div(sum_d, cnf, ACC)  # set_two_pass
+        cm2 = tl.maximum(tl.sum(d * d, axis=1) - sum_d * _div(sum_d, cnf, ACC), 0.0)
         ck = tl.sum(tl.where(ok, s, 0.0), axis=1)
         clo = tl.min(tl.where(ok, r, float("inf")), axis=1)
         chi = tl.max(tl.where(ok, r, -float("inf")), axis=1)
@@ -193,8 +222,8 @@ def _group_advantages_fwd_kernel(
         nb = cn.to(ACC)
         nt = tl.maximum(total, 1).to(ACC)
         delta = cmean - mean
-        merged_mean = mean + delta * (nb / nt)
-        merged_m2 = m2 + cm2 + delta * delta * (na * nb / nt)
+        merged_mean = mean + delta * _div(nb, nt, ACC)
+        merged_m2 = m2 + cm2 + delta * delta * _div(na * nb, nt, ACC)
         first = n == 0
         empty = cn == 0
         mean = tl.where(empty, mean, tl.where(first, cmean, merged_mean))
@@ -238,8 +267,8 @@ def _group_advantages_fwd_kernel(
         for start in range(0, longest, BLOCK):
             r, s, ok, idx = _load_chunk(REWARDS, SUCCESS, VALID, begin, size, start, cols, HAS_SUCCESS, HAS_VALID, ACC)
             keep = ok & kept[:, None]
-            a = (r - center[:, None]) * factor[:, None] / safe_denom[:, None]
-            a = tl.where(clip[:, None], tl.minimum(a, accidental_clip), a)
+            a = _div((r - center[:, None]) * factor[:, None], safe_denom[:, None], ACC)
+            a = tl.where(clip[:, None], tl.minimum(a, accidental_clip.to(ACC)), a)
             a = tl.where(keep & live[:, None], a, 0.0)
             in_group = (start + cols)[None, :] < size[:, None]
             tl.store(ADVANTAGES + idx, a, mask=in_group)
@@ -249,12 +278,12 @@ def _group_advantages_fwd_kernel(
 
 
 @triton.jit
-def _kept_index_kernel(SAMPLE_MASK, OFFSETS, FIRST_SLOT, KEPT_INDEX, num_groups, group_size,
+def _kept_index_kernel(SAMPLE_MASK, OFFSETS, FIRST_SLOT, KEPT_INDEX, num_groups, num_samples, group_size,
                        FIXED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Writes each kept sample's index at its group's first slot plus its rank in the group."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
-    begin, size = _group_bounds(OFFSETS, rows, row_ok, group_size, FIXED)
+    begin, size, _ = _group_bounds(OFFSETS, rows, row_ok, num_groups, num_samples, group_size, FIXED)
     slot = tl.load(FIRST_SLOT + rows, mask=row_ok, other=0)
     cols = tl.arange(0, BLOCK)
     for start in range(0, tl.max(size, axis=0), BLOCK):
@@ -263,12 +292,13 @@ def _kept_index_kernel(SAMPLE_MASK, OFFSETS, FIRST_SLOT, KEPT_INDEX, num_groups,
         idx = begin[:, None] + pos[None, :]
         keep = tl.load(SAMPLE_MASK + idx, mask=in_group, other=0).to(tl.int64)
         rank = tl.cumsum(keep, axis=1) - 1
-        tl.store(KEPT_INDEX + slot[:, None] + rank, idx, mask=in_group & (keep != 0))
+        at = slot[:, None] + rank  # < N unless bad offsets made groups overlap
+        tl.store(KEPT_INDEX + at, idx, mask=in_group & (keep != 0) & (at < num_samples))
         slot += tl.sum(keep, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launcher: the op's flat signature in, the op's 13 outputs out. Needs torch only here, so the
+# Launcher: the op's arguments in, the op's outputs out. Needs torch only here, so the
 # kernels above stay importable on their own.
 
 import struct  # noqa: E402
@@ -276,6 +306,7 @@ import struct  # noqa: E402
 import torch  # noqa: E402
 
 _ESTIMATORS = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
+OFFSETS_ERROR = "bandadv.group_advantages: offsets must start at 0, be non-decreasing and end at N"
 _SCALES = {"group": 0, "batch": 1, "none": 2}
 
 
@@ -294,14 +325,19 @@ def _tile(num_samples: int, num_groups: int, group_size: int) -> tuple[int, int]
 
 def group_advantages_triton(
     rewards: torch.Tensor, group_size: int, offsets: torch.Tensor | None, success: torch.Tensor | None,
-    valid: torch.Tensor | None, prior: torch.Tensor | None, estimator: str, scale: str, unbiased: bool, eps: float,
-    singleton: str, mask_all_equal: bool, band: list[float] | None, band_inclusive: bool, min_std: float | None,
-    accidental_max_successes: int, accidental_prior_max: float, accidental_action: str, accidental_clip: float,
-    mask_too_few: bool, return_index: bool, wrap=lambda kernel: kernel,
+    valid: torch.Tensor | None, prior: torch.Tensor | None, *, estimator: str, scale: str, unbiased: bool,
+    eps: float, singleton: str, mask_all_equal: bool, band: list[float] | None, band_inclusive: bool,
+    min_std: float | None, accidental_max_successes: int, accidental_prior_max: float, accidental_action: str,
+    accidental_clip: float, mask_too_few: bool, return_index: bool, wrap=lambda kernel: kernel,
+    out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Runs the Triton kernels; `wrap` is torch.library.wrap_triton when traced as a triton_op.
+    """Runs the Triton kernels with the op's arguments, bound by name (bandadv.ops.bind), and
+    returns the op's outputs, written into `out` when given (the op's out= form, checked by the
+    caller); `wrap` is torch.library.wrap_triton when traced as a triton_op.
 
-    Inputs are assumed checked (bandadv.ops.check_inputs and AdvantageConfig)."""
+    Inputs are assumed checked (bandadv.ops.check_inputs and AdvantageConfig), but for the values
+    of offsets, which only the device reads: bad ones fail the call through torch._assert_async (a
+    device-side assert on a GPU) and are never read past the tensors."""
     if not rewards.is_floating_point():
         rewards = rewards.float()
     rewards = rewards.contiguous()
@@ -310,18 +346,25 @@ def group_advantages_triton(
     fixed = group_size > 0
     num_groups = n // group_size if fixed else offsets.shape[0] - 1
     dev = rewards.device
-    per_group = [torch.empty(num_groups, dtype=acc, device=dev) for _ in range(6)]
-    successes, mean, std, pass_rate, success_var, reward_var = per_group
-    advantages = torch.empty(n, dtype=acc, device=dev)
-    sample_mask = torch.empty(n, dtype=torch.bool, device=dev)
-    reason = torch.empty(num_groups, dtype=torch.int32, device=dev)
-    group_mask = torch.empty(num_groups, dtype=torch.bool, device=dev)
-    count = torch.empty(num_groups, dtype=torch.int32, device=dev)
+    fresh = out is None
+    if fresh:
+        out = (
+            torch.empty(n, dtype=acc, device=dev),  # advantages
+            torch.empty(n, dtype=torch.bool, device=dev),  # sample_mask
+            torch.empty(num_groups, dtype=torch.int32, device=dev),  # reason
+            torch.empty(num_groups, dtype=torch.bool, device=dev),  # group_mask
+            torch.empty(num_groups, dtype=torch.int32, device=dev),  # count
+            torch.empty((6, num_groups), dtype=acc, device=dev),  # group_stats, rows as csrc/op_common.h's StatRow
+            torch.zeros((), dtype=torch.int64, device=dev),  # num_kept
+            torch.full((n if return_index else 0,), -1, dtype=torch.int64, device=dev),  # kept_index
+        )
+    advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = out
+    successes, mean, std, pass_rate, success_var, reward_var = group_stats.unbind(0)
     kept_count = torch.empty(num_groups, dtype=torch.int64, device=dev)  # every group writes its own
-    kept_index = torch.full((n if return_index else 0,), -1, dtype=torch.int64, device=dev)
+    if not fresh:
+        kept_index.fill_(-1)
     if num_groups == 0:
-        return (advantages, sample_mask, reason, group_mask, count, successes, mean, std, pass_rate, success_var,
-                reward_var, kept_count.sum(), kept_index)  # fmt: skip
+        return out if fresh else (*out[:6], num_kept.zero_(), kept_index)
 
     offsets = offsets.to(torch.int64).contiguous() if not fixed else rewards  # placeholder pointer when fixed
     success_ptr = success.contiguous() if success is not None else rewards
@@ -330,6 +373,7 @@ def group_advantages_triton(
     rows, block = _tile(n, num_groups, group_size)
     grid = (triton.cdiv(num_groups, rows),)
     batch_std = torch.zeros(1, dtype=acc, device=dev)
+    bad_offsets = torch.zeros(1, dtype=torch.int32, device=dev)
     flags = dict(
         ESTIMATOR=_ESTIMATORS[estimator], SCALE=_SCALES[scale], UNBIASED=unbiased, SINGLETON_RAW=singleton == "raw",
         MASK_ALL_EQUAL=mask_all_equal, USE_BAND=band is not None, BAND_INCLUSIVE=band_inclusive,
@@ -341,7 +385,7 @@ def group_advantages_triton(
     args = (
         rewards, success_ptr, valid_ptr, prior_ptr, offsets, batch_std,
         advantages, sample_mask, reason, group_mask, count, successes, mean, std, pass_rate, success_var, reward_var,
-        kept_count, num_groups, max(group_size, 1),
+        kept_count, bad_offsets, num_groups, n, max(group_size, 1),
         _bits(eps), _bits(band_lo), _bits(band_hi), _bits(min_std or 0.0), _bits(accidental_max_successes),
         _bits(accidental_prior_max), _bits(accidental_clip),
     )  # fmt: skip
@@ -357,10 +401,14 @@ def group_advantages_triton(
         var = torch.where(total >= 2, batch_m2 / (total - ddof).clamp(min=1), torch.zeros_like(batch_m2))
         batch_std.copy_(var.sqrt().reshape(1))
     kernel[grid](*args, MOMENTS_ONLY=False, **flags)
-    num_kept = kept_count.sum()
+    if not fixed:
+        torch._assert_async(bad_offsets == 0, OFFSETS_ERROR)
+    if fresh:
+        num_kept = kept_count.sum()
+    else:
+        torch.sum(kept_count, dim=0, out=num_kept)
     if return_index:
         first_slot = torch.cumsum(kept_count, 0) - kept_count
-        wrap(_kept_index_kernel)[grid](sample_mask, offsets, first_slot, kept_index, num_groups, max(group_size, 1),
-                                       FIXED=fixed, ROWS=rows, BLOCK=block)  # fmt: skip
-    return (advantages, sample_mask, reason, group_mask, count, successes, mean, std, pass_rate, success_var,
-            reward_var, num_kept, kept_index)  # fmt: skip
+        wrap(_kept_index_kernel)[grid](sample_mask, offsets, first_slot, kept_index, num_groups, n,
+                                       max(group_size, 1), FIXED=fixed, ROWS=rows, BLOCK=block)  # fmt: skip
+    return (*out[:6], num_kept, kept_index)

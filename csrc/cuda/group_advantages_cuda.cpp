@@ -1,8 +1,8 @@
 // CUDA implementation of bandadv::group_advantages: checks, allocation, and the launches on the
 // current stream: one kernel for scale="group" and "none"; for "batch", a first one before it
 // that computes the batch std. Each kernel follows a memset of its scratch (and of kept_index to
-// -1, when asked for). No host sync anywhere, so the op can be captured in a CUDA graph; offsets
-// are trusted here (the Python wrapper checks their values unless validate=False).
+// -1, when asked for). No host sync anywhere, so the op can be captured in a CUDA graph; the values
+// of offsets are therefore checked by the kernels, on the device (group_extent).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../op_common.h"
+#include "../op_entry.h"
 #include "launch.h"
 
 namespace bandadv::cuda {
@@ -39,6 +39,6 @@ struct CudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bandadv, CUDA, m) { m.impl("group_advantages", &group_advantages_entry<CudaBackend>); }
+TORCH_LIBRARY_IMPL(bandadv, CUDA, m) { register_kernels<CudaBackend>(m); }
 
 }  // namespace bandadv::cuda

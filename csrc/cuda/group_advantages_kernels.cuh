@@ -27,6 +27,12 @@
 #endif
 // A vector access; tests/cuda_emulator checks its alignment, which a GPU requires and a CPU
 // does not.
+// A check of a value that only the device reads (offsets): a device-side assert whose message
+// names the argument, as torch's own index checks do (the error surfaces at the next
+// synchronisation). tests/cuda_emulator turns it into an error of the op.
+#ifndef BANDADV_DEVICE_CHECK
+#define BANDADV_DEVICE_CHECK(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
+#endif
 #ifndef BANDADV_VECTOR
 #define BANDADV_VECTOR(address, ...) (*reinterpret_cast<__VA_ARGS__*>(address))
 #endif
@@ -49,6 +55,7 @@ struct Params {
   acc_t* batch_std;  // scale="batch": written by the first launch, read by the second
   int64_t num_groups;
   int64_t group_size;
+  int64_t num_samples;
   Options options;
   bool moments_only;
   acc_t* advantages;
@@ -289,7 +296,10 @@ __device__ void write_group(const Params<scalar_t, acc_t>& p, int64_t begin, int
       int64_t at = slot + team.exclusive_scan(lane_kept, team_kept);
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
-        if (keep.v[v]) p.kept_index[at++] = begin + j0 + v;
+        // Bounded: overlapping groups (bad offsets, which group_extent asserts on) could keep
+        // more than N samples.
+        if (keep.v[v] && at < p.num_samples) p.kept_index[at] = begin + j0 + v;
+        at += keep.v[v] ? 1 : 0;
       }
       slot += team_kept;
     }
@@ -389,8 +399,21 @@ __device__ __forceinline__ void group_extent(const Params<scalar_t, acc_t>& p, i
   begin = 0;
   size = 0;
   if (!active) return;
-  begin = p.offsets ? p.offsets[g] : g * p.group_size;
-  size = (p.offsets ? p.offsets[g + 1] : begin + p.group_size) - begin;
+  if (!p.offsets) {
+    begin = g * p.group_size;
+    size = p.group_size;
+    return;
+  }
+  // Offsets are read on the device only (no host sync), so they are checked here: a group whose
+  // bounds are out of order or outside [0, N] is read as empty whatever the assert does, so no
+  // access ever leaves the tensors.
+  const int64_t b = p.offsets[g], e = p.offsets[g + 1];
+  const bool ok = 0 <= b && b <= e && e <= p.num_samples && (g > 0 || b == 0) &&
+                  (g < p.num_groups - 1 || e == p.num_samples);
+  BANDADV_DEVICE_CHECK(ok, "bandadv.group_advantages: offsets must start at 0, be non-decreasing and end at N");
+  if (!ok) return;
+  begin = b;
+  size = e - b;
 }
 
 // --- scale="batch": the moments of every group merged, in the first launch ----------------
@@ -623,6 +646,7 @@ Params<scalar_t, acc_t> make_params(const Inputs& in, Outputs& out, const at::Te
   p.batch_std = ptr_or_null<acc_t>(batch_std);
   p.num_groups = in.num_groups;
   p.group_size = in.group_size;
+  p.num_samples = in.num_samples;
   p.options = in.options;
   p.moments_only = moments_only;
   p.advantages = out.advantages.data_ptr<acc_t>();

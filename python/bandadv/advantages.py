@@ -29,6 +29,7 @@ def group_advantages(
     backend: Backend = "auto",
     return_index: bool = False,
     validate: bool = True,
+    out: GroupAdvantages | None = None,
     **options: Any,
 ) -> GroupAdvantages:
     """Group-relative advantages, success statistics and band masks in one fused pass.
@@ -51,7 +52,12 @@ def group_advantages(
         return_index: also return ``kept_index``, the kept samples' indices, padded with -1.
         validate: check values that live on the device (offsets, success, prior ranges);
             False skips those host reads, for CUDA-graph capture. Shape, dtype and device
-            checks always run.
+            checks always run, and the kernels check offsets themselves (on a GPU, with a
+            device-side assert).
+        out: the result of an earlier call with the same shapes, dtypes and return_index, whose
+            tensors are then overwritten instead of allocated: a trainer passes last step's
+            result to reuse its buffers (at a million samples, fresh outputs cost page faults).
+            Not with group_index.
 
     Returns:
         :class:`GroupAdvantages`. Advantage of a valid sample of a kept group, for grpo:
@@ -62,22 +68,26 @@ def group_advantages(
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    rewards, group_size, success, valid = _flatten_2d(rewards, group_size, success, valid)
-    layouts = [
-        name
-        for name, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index))
-        if v is not None
-    ]
-    if len(layouts) != 1:
-        raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {layouts or 'none'}")
+    if rewards.dim() == 2:
+        rewards, group_size, success, valid = _flatten_2d(rewards, group_size, success, valid)
+    if (group_size is not None) + (offsets is not None) + (group_index is not None) != 1:
+        given = [
+            n
+            for n, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index))
+            if v is not None
+        ]
+        raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {given or 'none'}")
+    if out is not None and not isinstance(out, GroupAdvantages):
+        raise TypeError(f"out must be a GroupAdvantages (the result of an earlier call), got {type(out).__name__}")
     if group_index is not None:
+        if out is not None:
+            raise ValueError("out= needs group_size or offsets: with group_index, results are scattered back")
         return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    ops.check_inputs(rewards, group_size or 0, offsets, success, valid, prior)  # before reading values
-    if validate and not torch.compiler.is_compiling():
-        _check_values(rewards, offsets, success, prior)
-    return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index)
+    if validate:
+        _check_values(rewards, group_size, offsets, success, valid, prior, backend)
+    return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
 
 
 # Configs built from keyword options, by (preset, options): building and validating one costs
@@ -130,21 +140,18 @@ def _flatten_2d(rewards, group_size, success, valid):
     return rewards.reshape(-1), g, flat(success, "success"), flat(valid, "valid")
 
 
-def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
-    """Checks that read tensor values (a host sync on a GPU); shapes and dtypes were checked by
-    ops.check_inputs first, so offsets here is a 1-D integer tensor with at least one entry."""
-    if offsets is not None:
-        n = rewards.shape[0]
-        first, last, min_step = torch.stack(
-            [offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0]
-        ).tolist()
-        if first != 0:
-            raise ValueError(f"offsets must start at 0, got {first}")
-        if last != n:
-            raise ValueError(f"offsets must end at N = {n} (the number of rewards), got {last}")
-        if min_step < 0:
-            raise ValueError("offsets must be non-decreasing")
-    if success is not None and success.is_floating_point() and success.numel():
+def _check_values(rewards, group_size, offsets, success, valid, prior, backend) -> None:
+    """Checks that read tensor values (a host sync on a GPU), after the shape and dtype checks
+    that they rely on. The compiled CPU kernel checks the values of offsets itself, and every
+    kernel checks shapes and dtypes, so a call with nothing else to read skips both here."""
+    read_offsets = offsets is not None and (rewards.device.type != "cpu" or backend in ("triton", "torch"))
+    read_success = success is not None and success.is_floating_point()
+    if not (read_offsets or read_success or prior is not None) or torch.compiler.is_compiling():
+        return
+    ops.check_inputs(rewards, group_size or 0, offsets, success, valid, prior)
+    if read_offsets:
+        ops.check_offsets(offsets, rewards.shape[0])
+    if read_success and success.numel():
         s = success[torch.isfinite(success)]
         if s.numel() and not bool(((s >= 0) & (s <= 1)).all()):
             raise ValueError("success must lie in [0, 1] (a bool, or a float credit per sample)")
@@ -154,16 +161,24 @@ def _check_values(rewards: torch.Tensor, offsets, success, prior) -> None:
             raise ValueError("prior must lie in [0, 1] (NaN for prompts with no estimate)")
 
 
-def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index) -> GroupAdvantages:
-    """Runs a checked call (ops.check_inputs) on the backend asked for."""
+def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index, out=None) -> GroupAdvantages:
+    """One op call on the backend asked for, and its result."""
+    buffers = _op_buffers(out, rewards, return_index) if out is not None else None
     if backend == "torch":
-        return _as_op_dtypes(
-            reference_group_advantages(
-                rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid,
-                prior=prior, config=cfg, return_index=return_index,
-            ),
-            rewards,
+        ops.check_inputs(rewards, group_size, offsets, success, valid, prior)
+        if offsets is not None:
+            ops.check_offsets(offsets, rewards.shape[0])
+        ref = reference_group_advantages(
+            rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
+            config=cfg, return_index=return_index,
         )  # fmt: skip
+        outs = ops.op_outputs(ref, rewards)
+        if buffers is not None:
+            ops.check_out(
+                buffers, dict(rewards=rewards, group_size=group_size, offsets=offsets, return_index=return_index)
+            )
+            outs = tuple(b.copy_(o) for b, o in zip(buffers, outs, strict=True))
+        return _result(outs, return_index)
     if backend in ("cpu", "cuda"):
         if rewards.device.type != backend:
             raise ValueError(f"backend={backend!r} needs rewards on {backend}, got {rewards.device}")
@@ -177,31 +192,29 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
     )
     outs = ops.group_advantages_op(
         rewards, group_size=group_size, offsets=offsets, success=success, valid=valid, prior=prior, config=cfg,
-        return_index=return_index, triton=use_triton,
+        return_index=return_index, triton=use_triton, out=buffers,
     )  # fmt: skip
-    return _from_op_outputs(outs, return_index)
+    return _result(outs, return_index)
 
 
-def _from_op_outputs(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
-    adv, sample_mask, reason, group_mask, count, k, mean, std, p, pvar, rvar, num_kept, kept_index = outs
-    stats = GroupStats(count=count, successes=k, mean=mean, std=std, pass_rate=p, success_var=pvar, reward_var=rvar)
+def _op_buffers(out: GroupAdvantages, rewards: torch.Tensor, return_index: bool) -> tuple[torch.Tensor, ...]:
+    """An earlier result's tensors as the op's outputs, to be written in place."""
+    if (out.kept_index is not None) != return_index:
+        raise ValueError(f"out comes from a call with return_index={not return_index}, this one has {return_index}")
+    kept_index = out.kept_index if return_index else rewards.new_empty(0, dtype=torch.int64)
+    return (
+        out.advantages, out.sample_mask, out.reason, out.group_mask, out.stats.count, out.stats.values,
+        out.num_kept, kept_index,
+    )  # fmt: skip
+
+
+def _result(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
+    """The op's outputs (ops.OUTPUT_NAMES) as a GroupAdvantages."""
+    advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = outs
     return GroupAdvantages(
-        advantages=adv, sample_mask=sample_mask, reason=reason, group_mask=group_mask, stats=stats,
-        num_kept=num_kept, kept_index=kept_index if return_index else None,
-    )  # fmt: skip
-
-
-def _as_op_dtypes(out: GroupAdvantages, rewards: torch.Tensor) -> GroupAdvantages:
-    """The reference's float64 results in the dtypes the kernels return."""
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    st = out.stats
-    stats = GroupStats(
-        count=st.count, successes=st.successes.to(acc), mean=st.mean.to(acc), std=st.std.to(acc),
-        pass_rate=st.pass_rate.to(acc), success_var=st.success_var.to(acc), reward_var=st.reward_var.to(acc),
-    )  # fmt: skip
-    return GroupAdvantages(
-        advantages=out.advantages.to(acc), sample_mask=out.sample_mask, reason=out.reason,
-        group_mask=out.group_mask, stats=stats, num_kept=out.num_kept, kept_index=out.kept_index,
+        advantages=advantages, sample_mask=sample_mask, reason=reason, group_mask=group_mask,
+        stats=GroupStats(count=count, values=group_stats), num_kept=num_kept,
+        kept_index=kept_index if return_index else None,
     )  # fmt: skip
 
 
@@ -226,7 +239,7 @@ def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, r
         return t[order] if t is not None else None
 
     if validate:
-        _check_values(rewards, None, success, prior)
+        _check_values(rewards, 0, None, success, valid, prior, backend)
     out = _run(rewards[order], 0, offsets, take(success), take(valid), prior, cfg, backend, False)
     advantages = torch.empty_like(out.advantages).index_put_((order,), out.advantages)
     sample_mask = torch.empty_like(out.sample_mask).index_put_((order,), out.sample_mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Estimator = Literal["grpo", "dr_grpo", "rloo"]
@@ -62,6 +62,9 @@ class AdvantageConfig:
     accidental_action: Literal["mask", "clip"] = "mask"
     accidental_clip: float = 1.0
     mask_too_few: bool = True
+    # The options as the op takes them, in its schema's order (bandadv.ops.check_interface holds
+    # OPTION_NAMES to it): made once here, since a trainer passes one config every step.
+    _op_args: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, ESTIMATORS)
@@ -94,6 +97,11 @@ class AdvantageConfig:
         if self.accidental_prior_max > 1.0:
             raise ValueError(f"accidental_prior_max must be in [0, 1], got {self.accidental_prior_max}")
         _number_at_least("accidental_clip", self.accidental_clip, 0.0)
+        op_args = tuple(getattr(self, name) for name in OPTION_NAMES)
+        band_at = OPTION_NAMES.index("band")
+        if self.band is not None:  # the schema's float[]
+            op_args = (*op_args[:band_at], list(self.band), *op_args[band_at + 1 :])
+        object.__setattr__(self, "_op_args", op_args)
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> AdvantageConfig:
@@ -112,16 +120,11 @@ class AdvantageConfig:
 
     def op_args(self) -> tuple:
         """The option arguments of torch.ops.bandadv.group_advantages, in schema order (they
-        follow `prior` there); computed once per config, since the op is on a hot path."""
-        cached = self.__dict__.get("_op_args")
-        if cached is None:
-            band = list(self.band) if self.band is not None else None
-            cached = tuple(band if name == "band" else getattr(self, name) for name in OPTION_NAMES)
-            object.__setattr__(self, "_op_args", cached)
-        return cached
+        follow `prior` there)."""
+        return self._op_args
 
 
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdvantageConfig))
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdvantageConfig) if f.init)
 
 # Presets reproduce each trainer's advantage numbers. None of these trainers masks groups by
 # default, so the presets turn the mask rules off; any of them can be turned back on by keyword.

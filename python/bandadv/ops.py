@@ -9,26 +9,77 @@ have real kernels.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import warnings
+from typing import Any
 
 import torch
 
-from .config import AdvantageConfig
+from .config import OPTION_NAMES, AdvantageConfig
 from .reference import reference_group_advantages
+from .types import STAT_NAMES, GroupAdvantages
 
+# The op's interface, written once. The C++ kernels read their arguments from it by name
+# (csrc/op_entry.h); the fake, the reference op and the Triton op bind theirs by name through
+# ARG_NAMES; AdvantageConfig.op_args() gives the options in this order, which check_interface
+# holds it to at import.
 GROUP_ADVANTAGES_SCHEMA = (
     "group_advantages(Tensor rewards, int group_size, Tensor? offsets, Tensor? success, Tensor? valid, "
     "Tensor? prior, str estimator, str scale, bool unbiased, float eps, str singleton, bool mask_all_equal, "
     "float[]? band, bool band_inclusive, float? min_std, int accidental_max_successes, "
     "float accidental_prior_max, str accidental_action, float accidental_clip, bool mask_too_few, "
     "bool return_index) -> (Tensor advantages, Tensor sample_mask, Tensor reason, Tensor group_mask, "
-    "Tensor count, Tensor successes, Tensor mean, Tensor std, Tensor pass_rate, Tensor success_var, "
-    "Tensor reward_var, Tensor num_kept, Tensor kept_index)"
+    "Tensor count, Tensor group_stats, Tensor num_kept, Tensor kept_index)"
 )
+# The arguments before and after the options.
+INPUT_NAMES = ("rewards", "group_size", "offsets", "success", "valid", "prior")
+TRAILING_NAMES = ("return_index",)
+
+
+def check_interface(schema: str, option_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The schema's argument names, after checking that its options are option_names in order
+    (the order in which AdvantageConfig.op_args() passes them)."""
+    names = tuple(a.name for a in torch._C.parse_schema(schema).arguments)
+    expected = (*INPUT_NAMES, *option_names, *TRAILING_NAMES)
+    if names != expected:
+        wrong = [
+            f"{i}: schema {a!r}, expected {b!r}"
+            for i, (a, b) in enumerate(zip(names, expected, strict=False))
+            if a != b
+        ]
+        raise RuntimeError(
+            "bandadv: the schema of group_advantages does not match AdvantageConfig's options "
+            f"({len(names)} arguments, {len(expected)} expected; {', '.join(wrong) or 'lengths differ'})"
+        )
+    return names
+
+
+def out_schema(schema: str) -> str:
+    """The out= overload of a functional schema: the same arguments, then each output as a
+    keyword argument written in place. It returns nothing, as torch.compile needs of a custom
+    op that mutates its arguments."""
+    name, rest = schema.split("(", 1)
+    arguments, _ = rest.split(") -> ", 1)
+    outputs = [r.name for r in torch._C.parse_schema(schema).returns]
+    written = [f"Tensor({chr(ord('a') + i)}!) {output}" for i, output in enumerate(outputs)]
+    return f"{name}.out({arguments}, *, {', '.join(written)}) -> ()"
+
+
+ARG_NAMES: tuple[str, ...] = check_interface(GROUP_ADVANTAGES_SCHEMA, OPTION_NAMES)
+OUTPUT_NAMES: tuple[str, ...] = tuple(r.name for r in torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA).returns)
+GROUP_ADVANTAGES_OUT_SCHEMA = out_schema(GROUP_ADVANTAGES_SCHEMA)
 
 _lib = torch.library.Library("bandadv", "DEF")
 _lib.define(GROUP_ADVANTAGES_SCHEMA)
+_lib.define(GROUP_ADVANTAGES_OUT_SCHEMA)
+
+
+def bind(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The op's arguments by name, however they were passed."""
+    bound = dict(zip(ARG_NAMES, args, strict=False))  # the rest by keyword
+    bound.update(kwargs)
+    return bound
 
 
 def built_for_torch(extension_path: str) -> str | None:
@@ -122,71 +173,105 @@ def check_inputs(rewards, group_size, offsets, success, valid, prior) -> None:
             fail(f"prior must be a floating tensor, got {prior.dtype}")
 
 
-def _reference_op(
-    rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
-    mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
-    accidental_action, accidental_clip, mask_too_few, return_index,
-):  # fmt: skip
-    """The reference with the op's signature and output dtypes."""
-    check_inputs(rewards, group_size, offsets, success, valid, prior)
-    config = AdvantageConfig(
-        estimator=estimator, scale=scale, unbiased=unbiased, eps=eps, singleton=singleton,
-        mask_all_equal=mask_all_equal, band=tuple(band) if band is not None else None,
-        band_inclusive=band_inclusive, min_std=min_std, accidental_max_successes=accidental_max_successes,
-        accidental_prior_max=accidental_prior_max, accidental_action=accidental_action,
-        accidental_clip=accidental_clip, mask_too_few=mask_too_few,
-    )  # fmt: skip
-    out = reference_group_advantages(
-        rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
-        config=config, return_index=return_index,
-    )  # fmt: skip
+def check_offsets(offsets: torch.Tensor, num_samples: int) -> None:
+    """The values of a checked offsets tensor (1-D, integer, at least one entry): a host read."""
+    first, last, min_step = torch.stack(
+        [offsets[0], offsets[-1], offsets.diff().min() if offsets.numel() > 1 else offsets[0] * 0]
+    ).tolist()
+    if first != 0:
+        raise ValueError(f"bandadv.group_advantages: offsets must start at 0, got {first}")
+    if last != num_samples:
+        raise ValueError(
+            f"bandadv.group_advantages: offsets must end at N = {num_samples} (the number of rewards), got {last}"
+        )
+    if min_step < 0:
+        raise ValueError("bandadv.group_advantages: offsets must be non-decreasing")
+
+
+def op_outputs(out: GroupAdvantages, rewards: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A result as the op's outputs (OUTPUT_NAMES), in the dtypes the kernels return."""
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    st = out.stats
-    kept_index = out.kept_index if return_index else torch.empty(0, dtype=torch.int64, device=rewards.device)
+    kept_index = out.kept_index if out.kept_index is not None else rewards.new_empty(0, dtype=torch.int64)
     return (
-        out.advantages.to(acc), out.sample_mask, out.reason, out.group_mask, st.count, st.successes.to(acc),
-        st.mean.to(acc), st.std.to(acc), st.pass_rate.to(acc), st.success_var.to(acc), st.reward_var.to(acc),
-        out.num_kept, kept_index,
+        out.advantages.to(acc), out.sample_mask, out.reason, out.group_mask, out.stats.count,
+        out.stats.values.to(acc), out.num_kept, kept_index,
     )  # fmt: skip
+
+
+def output_specs(a: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each output (OUTPUT_NAMES) of a call with arguments `a` (csrc/op_common.h,
+    output_specs)."""
+    rewards, group_size, offsets = a["rewards"], a["group_size"], a["offsets"]
+    n = rewards.shape[0]
+    g = n // group_size if group_size > 0 else offsets.shape[0] - 1
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    index = n if a["return_index"] else 0
+    return [
+        ((n,), acc), ((n,), torch.bool), ((g,), torch.int32), ((g,), torch.bool), ((g,), torch.int32),
+        ((len(STAT_NAMES), g), acc), ((), torch.int64), ((index,), torch.int64),
+    ]  # fmt: skip
+
+
+def check_out(out: tuple[torch.Tensor, ...], a: dict[str, Any]) -> None:
+    """The caller's buffers of the out= form, against what a call with arguments `a` makes
+    (csrc/op_common.h, check_outputs)."""
+    device = a["rewards"].device
+    for name, t, (shape, dtype) in zip(OUTPUT_NAMES, out, output_specs(a), strict=True):
+        if t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(
+                f"bandadv.group_advantages: out {name} must be a contiguous {dtype} tensor of shape "
+                f"{list(shape)} on {device} (from a call with the same inputs' shapes), got {t.dtype} "
+                f"{list(t.shape)} on {t.device}"
+            )
+
+
+def _reference_op(*args, **kwargs):
+    """The float64 reference as a kernel of the op (where no compiled kernel is registered)."""
+    a = bind(args, kwargs)
+    rewards, offsets = a["rewards"], a["offsets"]
+    check_inputs(rewards, a["group_size"], offsets, a["success"], a["valid"], a["prior"])
+    if offsets is not None:
+        check_offsets(offsets, rewards.shape[0])
+    options = {name: a[name] for name in OPTION_NAMES}
+    options["band"] = tuple(options["band"]) if options["band"] is not None else None
+    out = reference_group_advantages(
+        rewards, group_size=a["group_size"] or None, offsets=offsets, success=a["success"], valid=a["valid"],
+        prior=a["prior"], config=AdvantageConfig(**options), return_index=a["return_index"],
+    )  # fmt: skip
+    return op_outputs(out, rewards)
+
+
+def _reference_out_op(*args, **kwargs):
+    out = tuple(kwargs.pop(name) for name in OUTPUT_NAMES)
+    check_out(out, bind(args, kwargs))
+    for t, r in zip(out, _reference_op(*args, **kwargs), strict=True):
+        t.copy_(r)
 
 
 for _key in ("CPU", "CUDA"):
     if _key not in COMPILED:
         _lib.impl("group_advantages", _reference_op, _key)
+        _lib.impl("group_advantages.out", _reference_out_op, _key)
 
 
 @torch.library.register_fake("bandadv::group_advantages")
-def _group_advantages_fake(
-    rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
-    mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
-    accidental_action, accidental_clip, mask_too_few, return_index,
-):  # fmt: skip
+def _group_advantages_fake(*args, **kwargs):
+    a = bind(args, kwargs)
+    rewards, group_size, offsets = a["rewards"], a["group_size"], a["offsets"]
     torch._check(rewards.dim() == 1, lambda: f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     n = rewards.shape[0]
     if group_size > 0:
         torch._check(n % group_size == 0, lambda: f"N={n} is not divisible by group_size={group_size}")
-        num_groups = n // group_size
     else:
         torch._check(offsets is not None, lambda: "give a group layout: group_size >= 1 or offsets")
-        num_groups = offsets.shape[0] - 1
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    per_sample = rewards.new_empty(n, dtype=acc)
-    per_group = rewards.new_empty(num_groups, dtype=acc)
-    return (
-        per_sample,
-        rewards.new_empty(n, dtype=torch.bool),
-        rewards.new_empty(num_groups, dtype=torch.int32),
-        rewards.new_empty(num_groups, dtype=torch.bool),
-        rewards.new_empty(num_groups, dtype=torch.int32),
-        per_group,
-        per_group.clone(),
-        per_group.clone(),
-        per_group.clone(),
-        per_group.clone(),
-        per_group.clone(),
-        rewards.new_empty((), dtype=torch.int64),
-        rewards.new_empty(n if return_index else 0, dtype=torch.int64),
-    )
+    return tuple(rewards.new_empty(shape, dtype=dtype) for shape, dtype in output_specs(a))
+
+
+@torch.library.register_fake("bandadv::group_advantages.out")
+def _group_advantages_out_fake(*args, **kwargs):
+    out = tuple(kwargs.pop(name) for name in OUTPUT_NAMES)
+    _group_advantages_fake(*args, **kwargs)  # its checks
+    check_out(out, bind(args, kwargs))
 
 
 # --- Triton --------------------------------------------------------------------------------
@@ -201,25 +286,46 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _register_triton_op() -> None:
-    """bandadv::group_advantages_triton, a triton_op so that torch.compile traces into it. Its
-    schema is inferred from the annotations (torch before 2.15 ignores triton_op's schema=), and
-    triton_op registers the function itself as the fake kernel."""
+# Python types of the schema's argument types, for the Triton op's signature.
+_PYTHON_TYPES = {
+    "Tensor": torch.Tensor, "Optional[Tensor]": torch.Tensor | None, "int": int, "float": float,
+    "Optional[float]": float | None, "Optional[List[float]]": list[float] | None, "str": str, "bool": bool,
+}  # fmt: skip
+
+
+def schema_signature() -> inspect.Signature:
+    """GROUP_ADVANTAGES_SCHEMA as a Python signature (from which triton_op infers its schema)."""
+    schema = torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA)
+    parameters = [
+        inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_PYTHON_TYPES[str(a.type)])
+        for a in schema.arguments
+    ]
+    returns = tuple[tuple(torch.Tensor for _ in schema.returns)]
+    return inspect.Signature(parameters, return_annotation=returns)
+
+
+def _run_triton(a: dict[str, Any], wrap=lambda kernel: kernel, out=None) -> tuple[torch.Tensor, ...]:
     from .triton_kernels.group_advantage import group_advantages_triton
 
-    @torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=())
-    def _group_advantages_triton(
-        rewards: torch.Tensor, group_size: int, offsets: torch.Tensor | None, success: torch.Tensor | None, valid: torch.Tensor | None,
-        prior: torch.Tensor | None, estimator: str, scale: str, unbiased: bool, eps: float, singleton: str,
-        mask_all_equal: bool, band: list[float] | None, band_inclusive: bool, min_std: float | None,
-        accidental_max_successes: int, accidental_prior_max: float, accidental_action: str, accidental_clip: float,
-        mask_too_few: bool, return_index: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        return group_advantages_triton(
-            rewards, group_size, offsets, success, valid, prior, estimator, scale, unbiased, eps, singleton,
-            mask_all_equal, band, band_inclusive, min_std, accidental_max_successes, accidental_prior_max,
-            accidental_action, accidental_clip, mask_too_few, return_index, wrap=torch.library.wrap_triton,
-        )  # fmt: skip
+    check_inputs(a["rewards"], a["group_size"], a["offsets"], a["success"], a["valid"], a["prior"])
+    if out is not None:
+        check_out(out, a)
+    return group_advantages_triton(**a, wrap=wrap, out=out)
+
+
+def _triton_op_impl(*args, **kwargs):
+    return _run_triton(bind(args, kwargs), wrap=torch.library.wrap_triton)
+
+
+_triton_op_impl.__signature__ = schema_signature()
+
+
+def _register_triton_op() -> None:
+    """bandadv::group_advantages_triton, a triton_op so that torch.compile traces into it. Its
+    schema is inferred from the signature, which is built from GROUP_ADVANTAGES_SCHEMA (torch
+    before 2.15 ignores triton_op's schema=), and triton_op registers the function itself as the
+    fake kernel."""
+    torch.library.triton_op("bandadv::group_advantages_triton", mutates_args=())(_triton_op_impl)
 
 
 # Registered at import where it can run (a GPU, no interpreter), so that no registration
@@ -250,20 +356,24 @@ def group_advantages_op(
     config: AdvantageConfig,
     return_index: bool = False,
     triton: bool = False,
+    out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Calls the op with a config's options: torch.ops.bandadv.group_advantages (the compiled
     kernel of the tensor's device), or with triton=True the Triton kernel,
     torch.ops.bandadv.group_advantages_triton on CUDA tensors and the kernel itself under the CPU
-    interpreter (triton_op rejects interpreted kernels)."""
+    interpreter (triton_op rejects interpreted kernels). With `out` (the outputs of an earlier
+    call with the same shapes, in OUTPUT_NAMES order) the results are written there; the Triton
+    kernel is then called directly."""
     args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), return_index)
     if not triton:
+        if out is not None:
+            torch.ops.bandadv.group_advantages.out(*args, **dict(zip(OUTPUT_NAMES, out, strict=True)))
+            return out
         return torch.ops.bandadv.group_advantages.default(*args)
-    if rewards.device.type == "cuda" and TRITON_OP_REGISTERED:
+    if rewards.device.type == "cuda" and TRITON_OP_REGISTERED and out is None:
         return torch.ops.bandadv.group_advantages_triton.default(*args)
     if TRITON_AVAILABLE and (rewards.device.type == "cuda" or triton_interpreting()):
-        from .triton_kernels.group_advantage import group_advantages_triton
-
-        return group_advantages_triton(*args)
+        return _run_triton(bind(args, {}), out=out)
     if not TRITON_AVAILABLE:
         raise RuntimeError("backend='triton' needs the triton package")
     raise ValueError(

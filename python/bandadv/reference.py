@@ -127,12 +127,7 @@ def reference_group_advantages(
         kept_index[: kept.numel()] = kept
     stats = GroupStats(
         count=n.to(torch.int32),
-        successes=k,
-        mean=mean,
-        std=std,
-        pass_rate=pass_rate,
-        success_var=pass_rate * (1 - pass_rate),
-        reward_var=var,
+        values=torch.stack([k, mean, std, pass_rate, pass_rate * (1 - pass_rate), var]),  # STAT_NAMES
     )
     return GroupAdvantages(
         advantages=adv,

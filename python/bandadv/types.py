@@ -19,9 +19,16 @@ class Reason(enum.IntFlag):
     TOO_FEW = 32  # fewer than two valid samples
 
 
+# Rows of the op's group_stats output, [len(STAT_NAMES), num_groups] in the accumulation dtype
+# (csrc/op_common.h, StatRow).
+STAT_NAMES = ("successes", "mean", "std", "pass_rate", "success_var", "reward_var")
+
+
 @dataclass(frozen=True)
 class GroupStats:
-    """Per-group success statistics, each a ``[num_groups]`` tensor.
+    """Per-group success statistics, each a ``[num_groups]`` tensor: ``count`` (int32) and the
+    rows of ``values`` (``[6, num_groups]``, one contiguous row per statistic, in STAT_NAMES
+    order), read as views by name.
 
     ``count`` is the number n of valid samples, ``successes`` k the summed success signal,
     ``pass_rate`` k / n, ``success_var`` p(1 - p) (the learnability of LILO, arXiv 2502.12272),
@@ -31,12 +38,35 @@ class GroupStats:
     """
 
     count: torch.Tensor
-    successes: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    pass_rate: torch.Tensor
-    success_var: torch.Tensor
-    reward_var: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def successes(self) -> torch.Tensor:
+        return self.values[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.values[1]
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.values[2]
+
+    @property
+    def pass_rate(self) -> torch.Tensor:
+        return self.values[3]
+
+    @property
+    def success_var(self) -> torch.Tensor:
+        return self.values[4]
+
+    @property
+    def reward_var(self) -> torch.Tensor:
+        return self.values[5]
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """Every statistic by name, count first."""
+        return {"count": self.count, **dict(zip(STAT_NAMES, self.values.unbind(0), strict=True))}
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,20 @@
 #include <cmath>
 #include <cstring>
 
-#include "op_common.h"
+#include "op_entry.h"
 
 #include "cuda_emulator.h"  // before the kernels: it defines the CUDA keywords
+
+// A failed device-side check (BANDADV_DEVICE_CHECK of the kernels): recorded by the emulated
+// thread, raised as the op's error once the launch is over, as a GPU reports a device-side assert.
+namespace bandadv::cuda {
+inline const char*& failed_device_check() {
+  static const char* message = nullptr;
+  return message;
+}
+}  // namespace bandadv::cuda
+#define BANDADV_DEVICE_CHECK(cond, msg) \
+  if (!(cond)) bandadv::cuda::failed_device_check() = msg
 
 #include "cuda/group_advantages_kernels.cuh"
 
@@ -102,13 +113,13 @@ void emulate_guarded(const Inputs& in, Outputs& out, at::Tensor& batch_std) {
   for (at::Tensor* t : {&gin.rewards, &gin.offsets, &gin.success, &gin.valid, &gin.prior}) {
     inputs.push_back(std::make_unique<Guarded>(*t));
   }
-  std::vector<at::Tensor*> touched = {&gout.advantages, &gout.sample_mask, &gout.reason,      &gout.group_mask,
-                                      &gout.count,      &gout.successes,   &gout.mean,        &gout.std,
-                                      &gout.pass_rate,  &gout.success_var, &gout.reward_var,  &gout.num_kept,
-                                      &gout.kept_index, &batch_std};
+  std::vector<at::Tensor*> touched = {&batch_std};
+  for (at::Tensor* t : output_slots(gout)) touched.push_back(t);
   for (at::Tensor* t : touched) outputs.push_back(std::make_unique<Guarded>(*t));
+  failed_device_check() = nullptr;
   if (in.options.scale == Scale::kBatch) emulate(gin, gout, batch_std, /*moments_only=*/true);
   emulate(gin, gout, batch_std, /*moments_only=*/false);
+  TORCH_CHECK_VALUE(failed_device_check() == nullptr, "device-side assert: ", failed_device_check());
   for (size_t i = 0; i < touched.size(); ++i) outputs[i]->copy_back(*touched[i]);
 }
 
@@ -116,10 +127,7 @@ void emulate_guarded(const Inputs& in, Outputs& out, at::Tensor& batch_std) {
 // kernel writes, so that an output the kernels leave unwritten shows.
 struct EmulatedBackend {
   static void run(const Inputs& in, Outputs& out) {
-    for (at::Tensor* t : {&out.advantages, &out.successes, &out.mean, &out.std, &out.pass_rate, &out.success_var,
-                          &out.reward_var}) {
-      t->fill_(std::nan(""));
-    }
+    for (at::Tensor* t : {&out.advantages, &out.group_stats}) t->fill_(std::nan(""));
     for (at::Tensor* t : {&out.reason, &out.count, &out.num_kept, &out.kept_index}) t->fill_(-77);
     out.sample_mask.fill_(true);
     out.group_mask.fill_(true);
@@ -153,7 +161,7 @@ std::vector<int64_t> counters() {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bandadv_emulator, CPU, m) { m.impl("group_advantages", &group_advantages_entry<EmulatedBackend>); }
+TORCH_LIBRARY_IMPL(bandadv_emulator, CPU, m) { register_kernels<EmulatedBackend>(m); }
 
 // No tensor arguments, so no backend key to dispatch on.
 TORCH_LIBRARY_IMPL(bandadv_emulator, CompositeExplicitAutograd, m) {
