@@ -95,25 +95,48 @@ def test_sampled_groups_are_those_bandadv_keeps_and_evicted_ones_are_refilled(tq
     assert len(masked) > 0
 
 
-def test_differs_from_verls_own_filter_on_the_shaped_score(tq, tmp_path):
-    """verl's built-in V1 buffer with filter_groups.metric=reward keeps an all-wrong group whose
-    format bonus varies, and a group with one lucky hit; bandadv's masks evict both."""
-    cfg = trainer_config(
-        tmp_path, **{"algorithm.filter_groups.enable": True, "algorithm.filter_groups.metric": "reward"}
+def test_refills_in_flight_bound_and_surplus_are_verls(tq, tmp_path):
+    """Rollouts that finish a poll later: verl's sync DAPO path refills 2k prompts per k evicted,
+    at most max_inflight_gen_batches train batches in flight, and once enough groups are kept
+    discards the surplus."""
+    cfg = band_buffer_config(
+        tmp_path, **{"algorithm.bandadv": BAND, "algorithm.filter_groups.max_inflight_gen_batches": 1}
     )
-    theirs = make_trainer(cfg, tq)
-    assert type(theirs.replay_buffer) is ReplayBuffer
-    batch, _, _ = run_step(theirs, tq)
-    acc = acc_by_uid(theirs.agent_loop_manager)
-    kept = [acc[uid] for uid in groups_of(batch.keys)]
-    assert any(a.sum() <= 1 for a in kept)  # verl kept all-wrong or one-hit groups
+    trainer = make_trainer(cfg, tq)
+    trainer.replay_buffer.poll_interval = 0.0
+    refills = []
+    verl_refill = trainer.replay_buffer._verl_refill
+    trainer.replay_buffer._verl_refill = lambda n: refills.append(n) or verl_refill(n)
+    manager = trainer.agent_loop_manager
+    manager.defer()
+    manager.pass_rate = lambda index: 0.0 if index % 3 else 0.5
+    batch, metrics, _ = run_step(trainer, tq)
+    acc = acc_by_uid(manager)
+    options = {k: v for k, v in BAND.items() if k != "success_key"}
+    kept = [uid for uid in acc if expected_mask(acc[uid], **options)]
+    evicted = len(acc) - len(kept)
+    assert len(groups_of(batch.keys)) == 6 and set(groups_of(batch.keys)) <= set(kept)
+    assert metrics["training/filter_groups/evicted_samples"] == evicted
+    assert metrics["training/filter_groups/discarded_surplus_samples"] == len(kept) - 6 > 0
+    assert refills and all(n <= 6 for n in refills) and manager.max_in_flight <= 6  # 1 batch in flight
+    assert sum(refills) <= 2 * evicted
+    assert not tq.tags["train"]  # the surplus was cleared with the batch
 
-    ours = make_trainer(band_buffer_config(tmp_path, **{"algorithm.bandadv": BAND}), FakeTransferQueue())
-    tq.tags.clear(), tq.values.clear()
-    ours.agent_loop_manager.tq = tq
-    batch, _, _ = run_step(ours, tq)
-    acc = acc_by_uid(ours.agent_loop_manager)
-    assert all(1 < acc[uid].sum() < 8 for uid in groups_of(batch.keys))
+
+def test_one_response_per_session_its_final_output():
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    rows, keys = [], []
+    for session, acc in enumerate([1.0, 0.0, 1.0]):
+        for turn in range(2):  # verl copies the final output's reward to the earlier ones
+            keys.append(f"u1_{session}_{turn}")
+            rows.append({
+                "rm_scores": torch.tensor([0.0, acc + 0.3 * turn]), "index": 7,
+                "extra_fields": {"reward_extra_info": {"acc": acc}},
+            })  # fmt: skip
+    (outcome,) = vs.read_outcomes(list_of_dict_to_tensordict(rows), keys, "acc").values()
+    assert outcome.dataset_index == 7
+    assert outcome.success.tolist() == [1.0, 0.0, 1.0] and outcome.scores.tolist() == pytest.approx([1.3, 0.3, 1.3])
 
 
 def test_without_success_key_all_equal_is_on_the_score(tq, tmp_path):

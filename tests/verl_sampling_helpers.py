@@ -58,6 +58,7 @@ class FakeTransferQueue:
     def __init__(self):
         self.tags: dict[str, dict[str, dict]] = defaultdict(dict)
         self.values: dict[str, dict[str, dict]] = defaultdict(dict)
+        self.on_poll: list = []  # called at each kv_list, before it answers (rollouts finishing meanwhile)
 
     def install(self, monkeypatch):
         import transfer_queue
@@ -66,6 +67,8 @@ class FakeTransferQueue:
             monkeypatch.setattr(transfer_queue, name, getattr(self, name), raising=False)
 
     def kv_list(self, partition_id=None):
+        for hook in self.on_poll:
+            hook()
         parts = [partition_id] if partition_id is not None else list(self.tags)
         return {p: {k: dict(t) for k, t in self.tags[p].items()} for p in parts}
 
@@ -109,11 +112,29 @@ class FakeAgentLoopManager:
         self.tq, self.n, self.pass_rate = tq, n, pass_rate
         self.gen = torch.Generator().manual_seed(seed)
         self.generated: list[dict] = []  # per prompt: uid, index, acc, score
+        self.deferred: list[tuple[str, int]] | None = None  # a list: prompts finish at the next poll
+        self.max_in_flight = 0
+
+    def defer(self):
+        """Rollouts stay pending until the replay buffer's next poll of the store."""
+        self.deferred = []
+        self.tq.on_poll.append(self.finish_deferred)
+
+    def finish_deferred(self):
+        pending, self.deferred = self.deferred, []
+        self._finish(pending)
 
     def generate_sequences(self, batch):
         uids = [getattr(u, "data", u) for u in batch["uid"]]
         indices = [int(getattr(i, "data", i)) for i in batch["index"]]
-        for uid, index in zip(uids, indices, strict=True):
+        if self.deferred is None:
+            self._finish(list(zip(uids, indices, strict=True)))
+        else:
+            self.deferred += zip(uids, indices, strict=True)
+            self.max_in_flight = max(self.max_in_flight, len(self.deferred))
+
+    def _finish(self, prompts):
+        for uid, index in prompts:
             acc = (torch.rand(self.n, generator=self.gen) < self.pass_rate(index)).double()
             fmt = (torch.rand(self.n, generator=self.gen) < 0.5).double()
             score = acc + 0.3 * fmt
