@@ -218,7 +218,8 @@ def test_bandadv_sync_is_verls_sync_trainer_with_the_tracker_sampler(tq, tmp_pat
 def test_tracker_is_keyed_by_the_dataset_index_and_updated_each_step(tq, tmp_path):
     trainer = make_trainer(selection_config(tmp_path, **{"algorithm.bandadv": {"success_key": "acc"}}), tq)
     dataset = trainer.train_dataset
-    row_of = {index: row for row, index in enumerate(dataset.indices)}
+    assert type(dataset).__name__ == "RLHFDataset"
+    row_of = {info["index"]: row for row, info in enumerate(dataset.dataframe["extra_info"])}
     assert any(row != index - 1000 for index, row in row_of.items())  # index is not the row
     reference = bandadv.PromptTracker(48, model="beta", decay=0.95)
     for _ in range(4):
@@ -297,12 +298,16 @@ def test_the_loader_checkpoint_carries_the_sampler_and_tracker(tq, tmp_path):
         ({"data.bandadv": {"stratgy": "band"}}, r"data\.bandadv\.stratgy: unknown option"),
         ({"data.bandadv": {"band": [0.9, 0.1]}}, r"data\.bandadv\.band must be"),
         ({"data.bandadv": {"model": "features"}}, r"data\.bandadv\.model must be"),
-        ({"data.tiny_dataset.duplicate_index": True}, r"extra_info\.index must be distinct"),
     ],
 )
 def test_bad_selection_config_fails_when_verl_builds_the_trainer(tq, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(selection_config(tmp_path, **overrides), tq)
+
+
+def test_duplicate_dataset_index_fails_when_verl_builds_the_loader(tq, tmp_path):
+    with pytest.raises(ValueError, match=r"extra_info\.index must be distinct.*index 10"):
+        make_trainer(selection_config(tmp_path, duplicate_index=True), tq)
 
 
 def test_plain_import_verl_registers_the_trainer(tmp_path):

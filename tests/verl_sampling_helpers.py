@@ -1,8 +1,7 @@
 """What verl's V1 trainer needs besides its own code, faked for CPU tests: the TransferQueue
-key-value store (a service), the agent-loop manager (vLLM rollouts and the reward loop, here
-instant draws at a known pass rate per prompt) and a tiny prompt dataset (loaded by verl through
-`data.custom_cls`, so no tokenizer). The trainer, its replay buffer, its data loader and its
-advantage step are verl's own.
+key-value store (a service) and the agent-loop manager (vLLM rollouts and the reward loop, here
+draws at a known pass rate per prompt). The trainer, its replay buffer, its dataset (RLHFDataset
+over a small parquet file), data loader and advantage step are verl's own.
 
 A trajectory is stored as verl's AgentLoopWorkerTQ stores it: key `{uid}_{session_id}_{index}`, the
 agent loop's output fields plus the prompt's fields (`uid`, `index`, ...), `rm_scores` with the
@@ -18,7 +17,6 @@ from collections import defaultdict
 import numpy as np
 import torch
 from omegaconf import OmegaConf, open_dict
-from torch.utils.data import Dataset
 
 PASS_RATES = (0.0, 0.03, 0.25, 0.5, 0.75, 1.0)  # a prompt's true pass rate: PASS_RATES[index % 6]
 
@@ -27,29 +25,21 @@ def true_pass_rate(index: int) -> float:
     return PASS_RATES[index % len(PASS_RATES)]
 
 
-class TinyPromptDataset(Dataset):
-    """verl's custom dataset interface; row r has the stable index `extra_info.index` =
-    `data.tiny_dataset.index_offset + permutation[r]` (not the row), as a preprocessed parquet's."""
+def write_prompts(path, size: int, seed: int = 0, index_offset: int = 1000, duplicate_index: bool = False) -> str:
+    """A parquet file as verl's data preprocessing scripts write it; row r has the stable index
+    `extra_info.index` = index_offset + permutation[r] (not the row)."""
+    import datasets
 
-    def __init__(self, data_files, tokenizer, processor, config, max_samples=-1):
-        spec = config.get("tiny_dataset", {})
-        size, seed = int(spec.get("size", 48)), int(spec.get("seed", 0))
-        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-        self.indices = [int(spec.get("index_offset", 1000)) + p for p in perm]
-        if spec.get("duplicate_index", False):
-            self.indices[1] = self.indices[0]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, row):
-        index = self.indices[row]
-        return {
-            "raw_prompt": [{"role": "user", "content": f"question {index}"}],
-            "data_source": "tiny",
-            "extra_info": {"index": index},
-            "index": index,
-        }
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    indices = [index_offset + p for p in perm]
+    if duplicate_index:
+        indices[1] = indices[0]
+    rows = [
+        {"data_source": "tiny", "prompt": [{"role": "user", "content": f"question {i}"}], "extra_info": {"index": i}}
+        for i in indices
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return str(path)
 
 
 class FakeTransferQueue:
@@ -158,21 +148,23 @@ class FakeAgentLoopManager:
             self.generated.append({"uid": uid, "index": index, "acc": acc.numpy(), "score": score.numpy()})
 
 
-def trainer_config(tmp_path, *, n=8, train_batch_size=6, size=48, **overrides):
-    """verl's full default PPO config (its generated yaml), with the tiny dataset, no shuffle,
-    and `overrides` as dotted keys."""
+def trainer_config(tmp_path, *, n=8, train_batch_size=6, size=48, duplicate_index=False, **overrides):
+    """verl's full default PPO config (its generated yaml) over a parquet file of `size` prompts
+    read by verl's RLHFDataset (no length filter, so no tokenizer), no shuffle, and `overrides`
+    as dotted keys."""
     import verl
 
     path = os.path.join(os.path.dirname(verl.__file__), "trainer/config/_generated_ppo_trainer.yaml")
     cfg = OmegaConf.load(path)
+    data = write_prompts(
+        tmp_path / f"prompts_{size}_{int(duplicate_index)}.parquet", size, duplicate_index=duplicate_index
+    )
     with open_dict(cfg):
-        cfg.data.custom_cls.path = os.path.abspath(__file__)
-        cfg.data.custom_cls.name = "TinyPromptDataset"
-        cfg.data.train_files = cfg.data.val_files = str(tmp_path / "unused.parquet")
+        cfg.data.train_files = cfg.data.val_files = data
+        cfg.data.filter_overlong_prompts = False
         cfg.data.train_batch_size = train_batch_size
         cfg.data.dataloader_num_workers = 0
         cfg.data.shuffle = False
-        cfg.data.tiny_dataset = {"size": size, "seed": 0}
         cfg.actor_rollout_ref.rollout.n = n
         cfg.algorithm.adv_estimator = "grpo"
         cfg.trainer.default_local_dir = str(tmp_path / "ckpt")
