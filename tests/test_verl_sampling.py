@@ -209,12 +209,21 @@ def selection_config(tmp_path, **overrides):
     return trainer_config(tmp_path, **{"trainer.v1.trainer_mode": "bandadv_sync", **overrides})
 
 
-def test_bandadv_sync_is_verls_sync_trainer_with_the_tracker_sampler(tq, tmp_path):
-    trainer = make_trainer(selection_config(tmp_path, **{"data.bandadv": {"strategy": "band"}}), tq)
+@pytest.mark.parametrize("strategy", ["thompson", "band", "learnability", "greso"])
+@pytest.mark.parametrize("model", ["beta", "logistic"])
+def test_bandadv_sync_is_verls_sync_trainer_with_the_tracker_sampler(tq, tmp_path, strategy, model):
+    trainer = make_trainer(selection_config(tmp_path, **{"data.bandadv": {"strategy": strategy, "model": model}}), tq)
     assert type(trainer) is vs.BandPPOTrainerSync and trainer.trainer_mode == "sync"
     assert type(trainer.replay_buffer) is ReplayBuffer  # verl's sync buffer, as trainer_mode=sync builds
     assert trainer.train_dataloader.sampler is trainer.prompt_sampler
-    assert trainer.selection.strategy == "band" and trainer.tracker.num_prompts == 48
+    assert trainer.selection.strategy == strategy and trainer.tracker.model == model
+    assert trainer.tracker.num_prompts == 48
+    for _ in range(2):
+        batch, metrics, _ = run_step(trainer, tq)
+        assert len(groups_of(batch.keys)) == 6 and metrics["bandadv/tracker/groups"] == 6
+    assert int((trainer.tracker.state["visits"][:48] > 0).sum()) == len(
+        {g["index"] for g in trainer.agent_loop_manager.generated}
+    )
 
 
 def test_tracker_is_keyed_by_the_dataset_index_and_updated_each_step(tq, tmp_path):
