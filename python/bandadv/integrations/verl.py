@@ -23,7 +23,9 @@ pyproject.toml), so verl's driver and Ray workers find them with no code change.
   Without it, success is score > 0.5. verl hands registered estimators no batch, only
   `token_level_rewards`, `response_mask`, `index` and `config`; the batch is read from the
   `data` argument of verl's `ray_trainer.compute_advantage` that called the estimator (or from
-  `non_tensor_batch=` / `batch=` keywords, for direct callers).
+  `non_tensor_batch=` / `batch=` keywords, for direct callers). The V1 trainer's
+  `_compute_advantage` builds that batch from the transfer queue without the reward's extra
+  keys; there the key is read from each trajectory's `reward_extra_info` in the queue.
 - Groups: verl's per-sample uids (strings, object arrays, ints, tensors) become groups in one
   O(N) pass without sorting: verl repeats each prompt's uid in a contiguous run, so run
   boundaries are where a uid differs from its neighbour; a uid that reappears after another
@@ -264,11 +266,14 @@ def _success(key: str, n: int, device: torch.device, non_tensor_batch: Any, batc
     elif batch is not None and key in batch.keys():
         success = batch[key].to(device)
         success = success.float() if success.dim() == 1 else success.float().sum(-1)
+    elif (values := _v1_trainer_success(key, n)) is not None:
+        success = torch.as_tensor(values).to(device)
     else:
         available = sorted([*(non_tensor_batch or {}).keys(), *(batch.keys() if batch is not None else ())])
         raise ValueError(
             f"{CONFIG_KEY}.success_key={key!r} is not in the batch (non_tensor_batch or batch); "
-            f"keys there: {available}. The keys of a compute_score dict land in non_tensor_batch."
+            f"keys there: {available}. The keys of a compute_score dict land in non_tensor_batch (in the V1 "
+            "trainer, in each trajectory's reward_extra_info)."
         )
     if success.shape != (n,):
         raise ValueError(f"{CONFIG_KEY}.success_key={key!r}: expected {n} values, got shape {tuple(success.shape)}")
@@ -276,6 +281,38 @@ def _success(key: str, n: int, device: torch.device, non_tensor_batch: Any, batc
     if finite.numel() and not bool(((finite >= 0) & (finite <= 1)).all()):
         raise ValueError(f"{CONFIG_KEY}.success_key={key!r}: values must lie in [0, 1] (raw correctness)")
     return success
+
+
+def _v1_trainer_success(key: str, n: int) -> np.ndarray | None:
+    """`reward_extra_info[key]` of the rows of the V1 trainer's `_compute_advantage` on the stack:
+    it builds the estimator's batch from the transfer queue without the reward's extra keys, so
+    they are read from there (its rows, in the order of its `batch.keys`)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_compute_advantage" and frame.f_globals.get("__name__") == (
+            "verl.trainer.ppo.v1.trainer_base"
+        ):
+            break
+        frame = frame.f_back
+    meta = frame.f_locals.get("batch") if frame is not None else None
+    if meta is None or len(getattr(meta, "keys", ())) != n:
+        return None
+    import transfer_queue as tq
+
+    fields = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=["extra_fields"])
+    values = []
+    for extra in fields["extra_fields"]:
+        extra = getattr(extra, "data", extra)
+        info = extra.get("reward_extra_info", {}) if isinstance(extra, Mapping) else {}
+        if key not in info:
+            return None
+        values.append(info[key])
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{CONFIG_KEY}.success_key={key!r}: reward_extra_info[{key!r}] must hold a number or bool per response"
+        ) from None
 
 
 def _calling_batch() -> Any:
