@@ -187,12 +187,9 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
                 f"backend={backend!r}: bandadv was built without its {backend.upper()} kernel"
                 + (f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else "")
             )
-    use_triton = backend == "triton" or (
-        backend == "auto" and rewards.device.type == "cuda" and "CUDA" not in ops.COMPILED and ops.triton_available()
-    )
+    use_triton = backend == "triton" or (backend == "auto" and rewards.is_cuda and ops.TRITON_FOR_CUDA)
     outs = ops.group_advantages_op(
-        rewards, group_size=group_size, offsets=offsets, success=success, valid=valid, prior=prior, config=cfg,
-        return_index=return_index, triton=use_triton, out=buffers,
+        rewards, group_size, offsets, success, valid, prior, cfg, return_index, triton=use_triton, out=buffers
     )  # fmt: skip
     return _result(outs, return_index)
 

@@ -126,6 +126,8 @@ def _has_kernel(key: str) -> bool:
 
 
 COMPILED: frozenset[str] = frozenset(key for key in ("CPU", "CUDA") if _has_kernel(key))
+# backend="auto" runs CUDA tensors on the Triton kernel where no CUDA kernel was compiled.
+TRITON_FOR_CUDA: bool = "CUDA" not in COMPILED and TRITON_AVAILABLE
 
 
 def check_inputs(rewards, group_size, offsets, success, valid, prior) -> None:
@@ -347,13 +349,12 @@ if TRITON_AVAILABLE and not triton_interpreting() and torch.cuda.is_available():
 
 def group_advantages_op(
     rewards: torch.Tensor,
-    *,
     group_size: int = 0,
     offsets: torch.Tensor | None = None,
     success: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     prior: torch.Tensor | None = None,
-    config: AdvantageConfig,
+    config: AdvantageConfig | None = None,
     return_index: bool = False,
     triton: bool = False,
     out: tuple[torch.Tensor, ...] | None = None,
@@ -364,7 +365,8 @@ def group_advantages_op(
     interpreter (triton_op rejects interpreted kernels). With `out` (the outputs of an earlier
     call with the same shapes, in OUTPUT_NAMES order) the results are written there; the Triton
     kernel is then called directly."""
-    args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), return_index)
+    options = (config if config is not None else AdvantageConfig()).op_args()
+    args = (rewards, group_size, offsets, success, valid, prior, *options, return_index)
     if not triton:
         if out is not None:
             torch.ops.bandadv.group_advantages.out(*args, **dict(zip(OUTPUT_NAMES, out, strict=True)))
