@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bandadv import ops
+from bandadv import bench, ops
 from bandadv.bench import Case, format_table, make_inputs, providers, run_case
 
 pytestmark = pytest.mark.skipif("CPU" not in ops.COMPILED, reason="the CPU kernel was not built")
@@ -59,3 +59,11 @@ def test_tracker_rows_run_for_every_model():
             assert f"tracker-{model} {what}" in names
     assert all(r.median_ms > 0 for r in rows)
     assert "d=8" in format_tracker_table(rows)
+
+
+def test_goal_rows_run():
+    # `python -m bandadv bench` prints these ratios; here they only have to run (timings are for the bench).
+    rows = bench.goals(budget_s=0.01)
+    assert [r[0].split(":")[0].split(" ")[0] for r in rows] == ["512x16", "512x16", "one", "1Mx16", "1Mx16"]
+    assert all(ours > 0 and other > 0 and ratio > 0 for _, ours, other, ratio, _ in rows)
+    assert "target" in bench.format_goals(rows)
