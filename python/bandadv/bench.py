@@ -327,7 +327,7 @@ def _median_us(fn: Callable, cold: bool, budget_s: float, min_reps: int = 200) -
     a 4 MB buffer (cold: caches and branch predictors hold other work, as when a trainer calls
     once per step)."""
     buffer = torch.zeros(1 << 20)
-    for _ in range(20):
+    for _ in range(min(20, min_reps)):
         fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -340,30 +340,32 @@ def _median_us(fn: Callable, cold: bool, budget_s: float, min_reps: int = 200) -
     return statistics.median(times)
 
 
-def goals(budget_s: float = 0.5) -> list[tuple[str, float, float, float, str]]:
+def goals(budget_s: float = 0.5, min_reps: int = 200) -> list[tuple[str, float, float, float, str]]:
     """The per-call goals of issue 14 on the CPU, each a ratio of two providers timed side by side
     in this run: (what, bandadv µs, other µs, ratio, target)."""
     gen = torch.Generator().manual_seed(0)
     rewards = (torch.rand(512 * 16, generator=gen) < 0.4).float()
     rows = []
     for cold in (False, True):
-        ours = _median_us(lambda: group_advantages(rewards, 16, **BAND_OPTIONS), cold, budget_s)
-        theirs = _median_us(lambda: baselines.trl_grpo(rewards, 16), cold, budget_s)
+        ours = _median_us(lambda: group_advantages(rewards, 16, **BAND_OPTIONS), cold, budget_s, min_reps)
+        theirs = _median_us(lambda: baselines.trl_grpo(rewards, 16), cold, budget_s, min_reps)
         rows.append(
             (f"512x16 public call vs trl-eager ({'cold' if cold else 'warm'})", ours, theirs, theirs / ours, ">= 10x")
         )
     one = torch.rand(8, generator=gen)
-    ours = _median_us(lambda: group_advantages(one, 8, **BAND_OPTIONS), False, budget_s)
-    theirs = _median_us(lambda: torch.add(one, 1.0), False, budget_s)
+    ours = _median_us(lambda: group_advantages(one, 8, **BAND_OPTIONS), False, budget_s, min_reps)
+    theirs = _median_us(lambda: torch.add(one, 1.0), False, budget_s, min_reps)
     rows.append(("one group of 8: public call / torch.add", ours, theirs, ours / theirs, "<= 3x"))
     big = torch.rand((1 << 20) * 16, generator=gen)
-    ours = _median_us(lambda: group_advantages(big, 16, **BAND_OPTIONS), False, 4 * budget_s, min_reps=10)
-    theirs = _median_us(lambda: big.clone(), False, 4 * budget_s, min_reps=10)
+    ours = _median_us(lambda: group_advantages(big, 16, **BAND_OPTIONS), False, 4 * budget_s, min(10, min_reps))
+    theirs = _median_us(lambda: big.clone(), False, 4 * budget_s, min(10, min_reps))
     rows.append(("1Mx16: fresh outputs / a fresh copy (clone)", ours, theirs, ours / theirs, "<= 1.5x"))
     workspace = group_advantages(big, 16, **BAND_OPTIONS)
-    ours = _median_us(lambda: group_advantages(big, 16, out=workspace, **BAND_OPTIONS), False, 4 * budget_s, 10)
+    ours = _median_us(
+        lambda: group_advantages(big, 16, out=workspace, **BAND_OPTIONS), False, 4 * budget_s, min(10, min_reps)
+    )
     target = torch.empty_like(big)
-    theirs = _median_us(lambda: target.copy_(big), False, 4 * budget_s, min_reps=10)
+    theirs = _median_us(lambda: target.copy_(big), False, 4 * budget_s, min(10, min_reps))
     rows.append(("1Mx16: out= workspace / a copy into a buffer", ours, theirs, ours / theirs, "<= 1.5x"))
     return rows
 
