@@ -475,15 +475,24 @@ def test_no_filtering_leaves_openrlhfs_generation_alone(fake_ray):
         ({}, {"rollout__n_samples_per_prompt": 1}, r"--rollout\.n_samples_per_prompt=1"),
     ],
 )  # fmt: skip
-def test_bad_options_fail_at_the_first_step(fake_ray, options, overrides, message):
+def test_bad_options_fail_before_the_first_rollout(fake_ray, options, overrides, message):
+    """When OpenRLHF's trainer builds the experience maker and the samples generator."""
     args = make_args(bandadv=options, **overrides)
     with pytest.raises(ValueError, match=message):
-        make_experiences(bo.BandadvExperienceMaker, args, rollout(SCORES[:2]))
+        maker(bo.BandadvExperienceMaker, args)
     if "estimator" in message or "n_samples" in message:
         return
-    with pytest.raises(ValueError, match=message):  # and the filter's first call
-        generate(bo.BandadvSamplesGenerator, make_args(bandadv=options, algo__dynamic_filtering_enable=True, **{
-            k: v for k, v in overrides.items() if k != "algo__dynamic_filtering_enable"}))  # fmt: skip
+    filtering = make_args(bandadv=options, **{**overrides, "algo__dynamic_filtering_enable": True})
+    with pytest.raises(ValueError, match=message):
+        generator(filtering)
+
+
+def test_options_changed_after_construction_fail_at_the_step(fake_ray):
+    args = make_args()
+    maker_ = maker(bo.BandadvExperienceMaker, args)
+    args.algo.bandadv = types.SimpleNamespace(band=[0.2, 0.1])
+    with pytest.raises(ValueError, match=r"--algo\.bandadv\.band must be LO HI"):
+        maker_.make_experience_batch(rollout(SCORES[:2]))
 
 
 def test_responses_not_in_whole_groups_are_refused(fake_ray):
@@ -567,6 +576,8 @@ def test_launcher_refuses_a_bad_option_before_ray_starts(launcher):
     with pytest.raises(ValueError, match=r"--algo\.bandadv\.band must be LO HI"):
         bo.main([*OPENRLHF_ARGS, "--algo.bandadv.band", "0.9", "0.1"])
     assert "runtime_env" not in launcher
+    with pytest.raises(ValueError, match=r"--algo\.advantage\.estimator='gae'"):
+        bo.main([*OPENRLHF_ARGS, "--algo.advantage.estimator", "gae"])
     with pytest.raises(SystemExit):  # argparse: a value that is not a number
         bo.main([*OPENRLHF_ARGS, "--algo.bandadv.min_std", "low"])
 

@@ -28,7 +28,8 @@ Options (`--algo.bandadv.<name>`, `args.algo.bandadv.<name>` after OpenRLHF's `h
 `band LO HI`, `band_inclusive` (flag: lo <= p <= hi), `mask_all_equal` (flag: all rewards
 equal), `min_std`, `accidental_max_successes`, `accidental_action` (mask | clip),
 `accidental_clip`, `mask_too_few` (flag), as AdvantageConfig's fields. A bad value stops the
-launcher before Ray starts, and any other route at the first step, naming `--algo.bandadv.<name>`.
+launcher before Ray starts, and any other route when the trainer builds these classes (before its
+first rollout), naming `--algo.bandadv.<name>`.
 
 Logged: `bandadv/<key>` per sample in each experience's `info` (the route OpenRLHF's actor logs
 `info` by, averaged over samples): the group's kept flag, pass rate and mask reasons, so the
@@ -199,14 +200,25 @@ class BandadvExperienceMaker(RemoteExperienceMaker):
 
     bandadv_result: GroupAdvantages | None = None
 
-    @torch.no_grad()
-    def compute_advantages_and_returns(self, experiences: list) -> list:
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._config()  # bad options stop the trainer actor's construction, before any rollout
+
+    def _config(self) -> AdvantageConfig:
         args = self.strategy.args
         estimator = args.algo.advantage.estimator
         config = read_options(args).config(estimator)
         n = args.rollout.n_samples_per_prompt
         if n < 2:
             raise ValueError(f"--rollout.n_samples_per_prompt={n}: {estimator} needs groups of at least 2 responses")
+        return config
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences: list) -> list:
+        args = self.strategy.args
+        estimator = args.algo.advantage.estimator
+        config = self._config()
+        n = args.rollout.n_samples_per_prompt
 
         for experience in experiences:  # at least float32 for the penalties and group statistics
             experience.rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
@@ -309,6 +321,10 @@ class BandadvSamplesGenerator(SamplesGenerator):
     """OpenRLHF's samples generator whose dynamic filtering drops the prompts bandadv's
     `group_mask` drops (and sends a new prompt for each, as OpenRLHF does)."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        read_options(self.args)  # bad options stop the construction, before any rollout
+
     def _generate_vllm(self, dataloader_iter, num_prompts: int, dynamic_filtering, **generate_kwargs):
         if not dynamic_filtering:
             return super()._generate_vllm(dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs)
@@ -398,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def hierarchize(flat: argparse.Namespace) -> Any:
         args = original_hierarchize(flat)
         args.algo.bandadv = SimpleNamespace(**values)
-        read_options(args)  # fails here, before Ray starts, naming the option
+        read_options(args).config(args.algo.advantage.estimator)  # fails here, before Ray starts
         return args
 
     def init(*args: Any, runtime_env: Any = None, **kwargs: Any) -> Any:
