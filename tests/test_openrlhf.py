@@ -524,6 +524,45 @@ def test_install_makes_openrlhfs_trainer_build_bandadvs_classes(restore_openrlhf
     assert ppo_trainer_async.SamplesGenerator is bo.BandadvSamplesGenerator
 
 
+FAKE_PACKAGES = {  # files of the vLLM and flash-attn stand-ins, for Ray's worker processes
+    "vllm/__init__.py": "from types import SimpleNamespace as SamplingParams\n__version__ = '0.29.0'\n",
+    "vllm/inputs.py": "TokensPrompt = dict\n",
+    "vllm/utils.py": "def random_uuid():\n    return 'uuid'\n",
+    "flash_attn/__init__.py": "",
+    "flash_attn/bert_padding.py": "index_first_axis = pad_input = rearrange = unpad_input = None\n",
+    "flash_attn/utils/__init__.py": "",
+    "flash_attn/utils/distributed.py": "all_gather = None\n",
+}
+
+
+@pytest.mark.slow
+def test_rays_setup_hook_installs_it_in_openrlhfs_trainer_actor(tmp_path):
+    """A real local Ray: an actor of OpenRLHF's own trainer class, started with the launcher's
+    runtime env, builds bandadv's experience maker (about 20 s on the 2-core CI machine)."""
+    for name, text in FAKE_PACKAGES.items():
+        if importlib.util.find_spec(name.split("/")[0]) is None:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+    path = ":".join(p for p in (str(tmp_path), *sys.path) if p)
+    ray.init(
+        num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20,
+        runtime_env={"worker_process_setup_hook": bo.SETUP_HOOK, "env_vars": {"PYTHONPATH": path}},
+    )  # fmt: skip
+    try:
+        trainer = ray.remote(ppo_trainer.BasePPOTrainer).remote(
+            types.SimpleNamespace(args=make_args()), None, None, None, None, None, None
+        )
+        built = ray.get(trainer.__ray_call__.remote(lambda self: type(self.experience_maker).__qualname__))
+        generators = ray.get(trainer.__ray_call__.remote(
+            lambda self: [m.SamplesGenerator.__qualname__ for m in (ppo_trainer, ppo_trainer_async)]
+        ))  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert built == "BandadvExperienceMaker"
+    assert generators == ["BandadvSamplesGenerator", "BandadvSamplesGenerator"]
+    assert ppo_trainer.RemoteExperienceMaker is RemoteExperienceMaker  # this process: untouched
+
+
 class Started(Exception):
     """Raised by the fake get_strategy: train_ppo_ray got as far as configuring its strategy."""
 
