@@ -242,8 +242,9 @@ def assert_experiences_equal(ours, theirs):
         {"reward__overlong_buffer_len": 3.0, "reward__stop_properly_penalty_coef": 0.5},
         {"algo__advantage__no_std_norm": True},
         {"train__dynamic_batch_enable": True},  # micro-batches by length: samples out of rollout order
+        {"algo__advantage__gamma": 0.9},  # OpenRLHF sets it to 1 for these estimators
     ],
-    ids=["kl", "no-kl", "clip", "length-penalties", "no-std-norm", "dynamic-batch"],
+    ids=["kl", "no-kl", "clip", "length-penalties", "no-std-norm", "dynamic-batch", "gamma"],
 )
 def test_masks_off_equal_openrlhfs_own_computation(fake_ray, estimator, setting):
     args = make_args(estimator, **setting)
@@ -469,6 +470,7 @@ def test_no_filtering_leaves_openrlhfs_generation_alone(fake_ray):
         ({"accidental_max_successes": -1}, {}, r"--algo\.bandadv\.accidental_max_successes=-1"),
         ({"accidental_action": "drop"}, {}, r"--algo\.bandadv\.accidental_action='drop'"),
         ({"min_std": -0.1}, {}, r"--algo\.bandadv\.min_std=-0\.1"),
+        ({"mask_all_equal": "yes"}, {}, r"--algo\.bandadv\.mask_all_equal is a flag"),
         ({}, {"algo__dynamic_filtering_enable": True, "algo__dynamic_filtering_range": (-1.0, 2.0)},
          r"--algo\.dynamic_filtering_range must be LO HI"),
         ({}, {"algo__advantage__estimator": "gae"}, r"--algo\.advantage\.estimator='gae'"),

@@ -162,6 +162,8 @@ def read_options(args: Any) -> Options:
         raise ValueError(f"--{PREFIX}.{unknown[0]}: unknown option; bandadv's options are {list(OPTIONS)}")
     fields = {k: v for k, v in raw.items() if v is not None}
     for name, value in fields.items():
+        if ARGUMENTS[name].get("action") == "store_true" and not isinstance(value, bool):
+            raise ValueError(f"--{PREFIX}.{name} is a flag: True or False, got {value!r}")
         if name == "band":
             fields[name] = _band(value, f"--{PREFIX}.band")
         try:
@@ -233,7 +235,8 @@ class BandadvExperienceMaker(RemoteExperienceMaker):
         try:
             out = group_advantages(rewards, n, success=success, config=config)
         except ValueError as err:
-            raise ValueError(f"bandadv on OpenRLHF's rewards (success: the responses' scores): {err}") from None
+            source = "the responses' scores" if success is not None else "rewards > 0.5"
+            raise ValueError(f"bandadv on OpenRLHF's rewards (success: {source}): {err}") from None
         self.bandadv_result = out
 
         per_sample_std = out.stats.std.to(rewards.dtype).repeat_interleave(n)[order].split(sizes)
