@@ -15,6 +15,8 @@ import copy
 import importlib
 import importlib.machinery
 import importlib.util
+import os
+import subprocess
 import sys
 import types
 
@@ -247,11 +249,12 @@ def assert_experiences_equal(ours, theirs):
     ids=["kl", "no-kl", "clip", "length-penalties", "no-std-norm", "dynamic-batch", "gamma"],
 )
 def test_masks_off_equal_openrlhfs_own_computation(fake_ray, estimator, setting):
-    args = make_args(estimator, **setting)
+    args, their_args = make_args(estimator, **setting), make_args(estimator, **setting)
     samples = rollout(SCORES, args)
-    theirs = make_experiences(RemoteExperienceMaker, make_args(estimator, **setting), samples)
+    theirs = make_experiences(RemoteExperienceMaker, their_args, samples)
     ours = make_experiences(bo.BandadvExperienceMaker, args, samples)
     assert_experiences_equal(ours, theirs)
+    assert vars(args.algo.advantage) == vars(their_args.algo.advantage)  # OpenRLHF resets gamma to 1
     assert torch.cat([e.advantages.abs().sum(-1) for e in ours]).gt(0).any()
 
 
@@ -537,15 +540,21 @@ FAKE_PACKAGES = {  # files of the vLLM and flash-attn stand-ins, for Ray's worke
 }
 
 
+def python_path_with_fakes(folder) -> str:
+    """A PYTHONPATH for a child process: the stand-ins written to `folder` (where the real
+    packages are missing), then this process's path."""
+    for name, text in FAKE_PACKAGES.items():
+        if importlib.util.find_spec(name.split("/")[0]) is None:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+    return os.pathsep.join(p for p in (str(folder), *sys.path) if p)
+
+
 @pytest.mark.slow
 def test_rays_setup_hook_installs_it_in_openrlhfs_trainer_actor(tmp_path):
     """A real local Ray: an actor of OpenRLHF's own trainer class, started with the launcher's
     runtime env, builds bandadv's experience maker (about 20 s on the 2-core CI machine)."""
-    for name, text in FAKE_PACKAGES.items():
-        if importlib.util.find_spec(name.split("/")[0]) is None:
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name).write_text(text)
-    path = ":".join(p for p in (str(tmp_path), *sys.path) if p)
+    path = python_path_with_fakes(tmp_path)
     ray.init(
         num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20,
         runtime_env={"worker_process_setup_hook": bo.SETUP_HOOK, "env_vars": {"PYTHONPATH": path}},
@@ -621,6 +630,16 @@ def test_launcher_refuses_a_bad_option_before_ray_starts(launcher):
         bo.main([*OPENRLHF_ARGS, "--algo.advantage.estimator", "gae"])
     with pytest.raises(SystemExit):  # argparse: a value that is not a number
         bo.main([*OPENRLHF_ARGS, "--algo.bandadv.min_std", "low"])
+
+
+def test_python_dash_m_runs_openrlhfs_launcher(tmp_path):
+    """`python -m bandadv.integrations.openrlhf --help`, in a fresh process: bandadv's options,
+    then OpenRLHF's own parser's help (train_ppo_ray ran as __main__)."""
+    env = {**os.environ, "PYTHONPATH": python_path_with_fakes(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "bandadv.integrations.openrlhf", "--help"], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.index("--algo.bandadv.band LO HI") < out.stdout.index("--algo.advantage.estimator")
 
 
 def test_split_arguments():

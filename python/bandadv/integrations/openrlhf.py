@@ -396,12 +396,19 @@ def install() -> None:
     _ppo_trainer_async.SamplesGenerator = BandadvSamplesGenerator
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bandadv.integrations.openrlhf", add_help=False, allow_abbrev=False,
+        usage="%(prog)s [train_ppo_ray's arguments] [bandadv's arguments]",
+        description="OpenRLHF's train_ppo_ray with bandadv's group shaping and dynamic filtering. bandadv's arguments:",
+    )  # fmt: skip
+    return add_arguments(parser)
+
+
 def split_arguments(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """bandadv's `--algo.bandadv.*` options out of a train_ppo_ray command line:
     (their values by name, the rest)."""
-    parser = argparse.ArgumentParser(prog="bandadv.integrations.openrlhf", add_help=False, allow_abbrev=False)
-    add_arguments(parser)
-    namespace, rest = parser.parse_known_args(list(argv))
+    namespace, rest = _parser().parse_known_args(list(argv))
     values = {name: getattr(namespace, f"{PREFIX}.{name}") for name in OPTIONS}
     return values, rest
 
@@ -410,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`openrlhf.cli.train_ppo_ray` with bandadv's options and classes (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     values, rest = split_arguments(argv)
+    if "-h" in rest or "--help" in rest:
+        print(_parser().format_help() + "\nOpenRLHF's train_ppo_ray arguments follow.\n", flush=True)
     install()
     original_hierarchize = _config_module().hierarchize
     original_init = ray.init
