@@ -511,7 +511,7 @@ def test_responses_not_in_whole_groups_are_refused(fake_ray):
 
 @pytest.fixture
 def restore_openrlhf(monkeypatch):
-    """install() replaces module attributes of OpenRLHF's trainers: put them back afterwards."""
+    """The setup hook replaces module attributes of OpenRLHF's trainers: put them back afterwards."""
     for module in (ppo_trainer, ppo_trainer_async):
         for name in ("RemoteExperienceMaker", "SamplesGenerator"):
             if hasattr(module, name):
@@ -560,6 +560,7 @@ def test_rays_setup_hook_installs_it_in_openrlhfs_trainer_actor(tmp_path):
         runtime_env={"worker_process_setup_hook": bo.SETUP_HOOK, "env_vars": {"PYTHONPATH": path}},
     )  # fmt: skip
     try:
+        imported = ray.get(ray.remote(lambda: [m in sys.modules for m in ("deepspeed", "openrlhf")]).remote())
         trainer = ray.remote(ppo_trainer.BasePPOTrainer).remote(
             types.SimpleNamespace(args=make_args()), None, None, None, None, None, None
         )
@@ -569,6 +570,7 @@ def test_rays_setup_hook_installs_it_in_openrlhfs_trainer_actor(tmp_path):
         ))  # fmt: skip
     finally:
         ray.shutdown()
+    assert imported == [False, False]  # a worker that never imports OpenRLHF's trainers (a vLLM engine's)
     assert built == "BandadvExperienceMaker"
     assert generators == ["BandadvSamplesGenerator", "BandadvSamplesGenerator"]
     assert ppo_trainer.RemoteExperienceMaker is RemoteExperienceMaker  # this process: untouched
@@ -615,7 +617,7 @@ def test_launcher_runs_openrlhfs_train_ppo_ray_with_bandadvs_options(launcher):
         args.algo.advantage.estimator == "group_norm" and args.critic.model_name_or_path is None
     )  # OpenRLHF's checks ran
     env = launcher["runtime_env"]
-    assert env["worker_process_setup_hook"] == "bandadv.integrations.openrlhf.install"
+    assert env["worker_process_setup_hook"] == "bandadv.integrations.openrlhf_hook.install"
     assert env["env_vars"]["TOKENIZERS_PARALLELISM"]  # OpenRLHF's own runtime env, kept
     config = bo.read_options(args).config(args.algo.advantage.estimator)
     assert config.band == (0.1, 0.9) and not config.band_inclusive and config.accidental_max_successes == 1
@@ -640,6 +642,25 @@ def test_python_dash_m_runs_openrlhfs_launcher(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.index("--algo.bandadv.band LO HI") < out.stdout.index("--algo.advantage.estimator")
+
+
+@pytest.mark.parametrize("first", ["openrlhf.trainer.ppo_trainer", "openrlhf.trainer.ppo_trainer_async"])
+def test_setup_hook_imports_nothing_and_patches_the_trainers_when_imported(tmp_path, first):
+    """In a fresh process, as in a Ray worker: the hook imports neither OpenRLHF nor DeepSpeed;
+    importing either trainer module first then gives both modules bandadv's classes."""
+    script = f"""
+import importlib, sys
+from bandadv.integrations import openrlhf_hook
+openrlhf_hook.install()
+assert not any(m in sys.modules for m in ("openrlhf", "deepspeed")), "hook imported too much"
+importlib.import_module({first!r})
+import openrlhf.trainer.ppo_trainer as t, openrlhf.trainer.ppo_trainer_async as a
+print(t.RemoteExperienceMaker.__qualname__, t.SamplesGenerator.__qualname__, a.SamplesGenerator.__qualname__)
+"""
+    env = {**os.environ, "PYTHONPATH": python_path_with_fakes(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["BandadvExperienceMaker", "BandadvSamplesGenerator", "BandadvSamplesGenerator"]
 
 
 def test_split_arguments():

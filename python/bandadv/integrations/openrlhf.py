@@ -6,8 +6,8 @@
         --algo.bandadv.accidental_max_successes 1
 
 runs `openrlhf.cli.train_ppo_ray` itself with bandadv's options added to its parser and its
-trainer's classes replaced in every Ray worker (`install`, run by Ray's
-`worker_process_setup_hook`):
+trainer's classes replaced in every Ray worker (`openrlhf_hook.install`, run by Ray's
+`worker_process_setup_hook`, which swaps them in when a worker imports OpenRLHF's trainers):
 
 - `BandadvExperienceMaker` (a `RemoteExperienceMaker`): `compute_advantages_and_returns` takes
   the per-prompt shaping of `--algo.advantage.estimator` from `bandadv.group_advantages(preset=
@@ -70,7 +70,7 @@ ESTIMATORS = {"group_norm": "grpo", "rloo": "rloo", "reinforce_baseline": "dr_gr
 # OpenRLHF whitens these over the batch's action tokens after the shaping (experience_maker.py).
 WHITENED = ("reinforce_baseline",)
 PREFIX = "algo.bandadv"
-SETUP_HOOK = "bandadv.integrations.openrlhf.install"
+SETUP_HOOK = "bandadv.integrations.openrlhf_hook.install"  # light: imports nothing of OpenRLHF
 
 # argparse arguments of each option; the names are AdvantageConfig's fields.
 ARGUMENTS: dict[str, dict[str, Any]] = {
@@ -387,10 +387,11 @@ def _group_flags(group: list, config: AdvantageConfig) -> torch.Tensor:
 # ---- installing it in OpenRLHF's Ray processes ---------------------------------------------------
 
 
-def install() -> None:
+def install_classes() -> None:
     """Makes OpenRLHF's trainers build bandadv's experience maker and samples generator in this
-    process (both the synchronous PPOTrainer and the async trainer's actors). Ray runs it in each
-    worker when passed as `runtime_env={"worker_process_setup_hook": SETUP_HOOK}`."""
+    process (both the synchronous PPOTrainer and the async trainer's actors). In Ray's workers,
+    `SETUP_HOOK` (bandadv.integrations.openrlhf_hook.install) calls it when they import
+    OpenRLHF's trainer modules."""
     _ppo_trainer.RemoteExperienceMaker = BandadvExperienceMaker
     _ppo_trainer.SamplesGenerator = BandadvSamplesGenerator
     _ppo_trainer_async.SamplesGenerator = BandadvSamplesGenerator
@@ -419,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     values, rest = split_arguments(argv)
     if "-h" in rest or "--help" in rest:
         print(_parser().format_help() + "\nOpenRLHF's train_ppo_ray arguments follow.\n", flush=True)
-    install()
+    install_classes()
     original_hierarchize = _config_module().hierarchize
     original_init = ray.init
 
