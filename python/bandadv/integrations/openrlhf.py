@@ -51,6 +51,7 @@ from typing import Any
 import openrlhf.trainer.ppo_trainer as _ppo_trainer
 import openrlhf.trainer.ppo_trainer_async as _ppo_trainer_async
 import openrlhf.trainer.ppo_utils.samples_generator as _samples_generator
+import openrlhf.utils.config as _openrlhf_config
 import ray
 import torch
 from openrlhf.models.utils import compute_reward
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "-h" in rest or "--help" in rest:
         print(_parser().format_help() + "\nOpenRLHF's train_ppo_ray arguments follow.\n", flush=True)
     install_classes()
-    original_hierarchize = _config_module().hierarchize
+    original_hierarchize = _openrlhf_config.hierarchize
     original_init = ray.init
 
     def hierarchize(flat: argparse.Namespace) -> Any:
@@ -436,22 +437,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         return original_init(*args, runtime_env=runtime_env, **kwargs)
 
     saved_argv = sys.argv
-    _config_module().hierarchize, ray.init = hierarchize, init
+    _openrlhf_config.hierarchize, ray.init = hierarchize, init
     sys.argv = ["openrlhf.cli.train_ppo_ray", *rest]
     try:
         runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
     finally:
-        _config_module().hierarchize, ray.init = original_hierarchize, original_init
+        _openrlhf_config.hierarchize, ray.init = original_hierarchize, original_init
         sys.argv = saved_argv
 
 
-def _config_module() -> Any:
-    import openrlhf.utils.config
-
-    return openrlhf.utils.config
-
-
-if __name__ == "__main__":  # run under its own name, so that Ray's workers and this process share one module
+if __name__ == "__main__":  # under its own name, not __main__: its classes are defined once
     from bandadv.integrations.openrlhf import main as _main
 
     _main()
