@@ -14,6 +14,14 @@ VERL ?= verl==0.9.1 tensordict==0.10.0 transferqueue==0.1.11
 VERL_IMPORTS ?= ray==2.60.0 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 orjson==3.13.0 cloudpickle \
 	importlib_metadata 'pyvers<0.2' torchdata==0.11.0 peft==0.21.2 cachetools fastapi uvicorn pyzmq msgspec psutil \
 	prometheus_client aiohttp
+# The OpenRLHF adapter's tests run OpenRLHF 0.11.2's own experience maker, samples generator and
+# train_ppo_ray launcher. OpenRLHF pins transformers 5.15, ray 2.55 and CUDA-only builds (vLLM,
+# flash-attn: faked inside tests/test_openrlhf.py), so it goes in without its dependencies, with
+# DeepSpeed (which it imports at module level; an sdist, built against the venv's torch with no
+# ops compiled), then only what importing openrlhf.trainer and openrlhf.cli.train_ppo_ray needs
+# beyond the verl imports above.
+OPENRLHF ?= openrlhf==0.11.2 deepspeed==0.19.6
+OPENRLHF_IMPORTS ?= pylatexenc==2.11 hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 msgpack pydantic
 export CUDA_HOME ?= /usr/local/cuda
 
 # The oldest supported torch, as on the GPU machine that benchmarks/gpu_check.sh targets: Python
@@ -31,6 +39,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q $(TRL) $(PINS)
 	$(PY) -m pip install -q $(VERL_IMPORTS) $(PINS)
 	$(PY) -m pip install -q --no-deps $(VERL)
+	$(PY) -m pip install -q $(OPENRLHF_IMPORTS) $(PINS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation $(OPENRLHF)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/* csrc/cuda/*)
