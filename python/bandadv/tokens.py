@@ -606,7 +606,11 @@ def save_png(runs: list[tuple[str, History]], cfg: TokenConfig, path: str) -> No
         solved = torch.tensor(h.eval_solved)  # [evals, k]
         for k in range(cfg.max_ops):
             row[0].plot(h.eval_rollouts, solved[:, k], label=f"k={k + 1}")
-        row[0].set(title=f"{title}: solved pass rate per k", xlabel="rollouts", ylim=(-0.02, 1.02))
+        # the band's edges in pass-rate space: the k whose curve lies between them are teachable
+        row[0].plot(h.step_rollouts, [b[0] for b in h.band], "k--", lw=0.8, label="band")
+        row[0].plot(h.step_rollouts, [b[1] for b in h.band], "k--", lw=0.8)
+        row[0].set(title="solved pass rate per k, and the band", xlabel="rollouts", ylim=(-0.02, 1.02))
+        row[0].set_ylabel(title, fontsize=9)
         row[0].legend(fontsize=7, ncol=2)
         row[1].plot(h.step_rollouts, h.kept_fraction, lw=0.8, label="kept fraction of groups")
         row[1].plot(h.step_rollouts, h.zero_variance, lw=0.8, label="zero-variance groups")
