@@ -220,3 +220,16 @@ def test_command_line_reaches_the_tokens_testbed(monkeypatch):
         ("compare", TokenConfig().steps, 4, 2, "t.txt", "t.png"),
         ("small", 5, "simulate.png"),
     ]
+
+
+def test_compare_table_and_record_from_real_runs():
+    import json
+
+    runs = {(0, reward, s): tokens.train(METHODS[0], reward, replace(TINY, seed=s)) for reward in ("outcome", "process") for s in (0, 1)}  # fmt: skip
+    lines = tokens.table(runs, TINY, seeds=2)
+    assert len(lines) == 3 and lines[1].startswith("grpo") and "outcome" in lines[1] and "process" in lines[2]
+    assert "±" in lines[1] and f"rollouts to {TINY.target_accuracy:.2f}" in lines[0]
+    record = json.loads(json.dumps(tokens._record(METHODS[0], "outcome", 0, runs[(0, "outcome", 0)])))
+    assert record["method"] == "grpo" and len(record["final_solved"]) == TINY.max_ops
+    assert tokens.rollouts_to_target(runs[(0, "outcome", 0)], 2.0) == float("inf")
+    assert tokens.rollouts_to_target(runs[(0, "outcome", 0)], 0.0) == 0

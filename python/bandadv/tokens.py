@@ -531,9 +531,10 @@ def _grpo_step(policy, optimizer, cfg, method, dataset, ids, comp_all, rew_all, 
 
 
 def rollouts_to_target(hist: History, target: float, hard_from: int = 4) -> float:
-    """Rollouts spent when the solved accuracy averaged over k >= hard_from first reached target."""
+    """Rollouts spent when the solved accuracy averaged over k >= hard_from (or over the largest k
+    alone, for K < hard_from) first reached target."""
     for used, solved in zip(hist.eval_rollouts, hist.eval_solved, strict=True):
-        if statistics.mean(solved[hard_from - 1 :]) >= target:
+        if statistics.mean(solved[min(hard_from, len(solved)) - 1 :]) >= target:
             return used
     return math.inf
 
