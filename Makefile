@@ -30,7 +30,7 @@ export CUDA_HOME ?= /usr/local/cuda
 OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 OLDEST := PYTHON=$(OLDEST_PYTHON) VENV=.venv-oldest TORCH=torch==2.11.0 PINS="'triton==3.6.0' 'numpy<2.4'"
 
-.PHONY: setup build simulate compare demo bench test test-oldest test-other-torch gpu-check-dry-run lint format clean
+.PHONY: setup build simulate compare compare-tokens demo bench test test-oldest test-other-torch gpu-check-dry-run lint format clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -101,3 +101,9 @@ format: $(VENV)/.deps
 
 clean:
 	rm -rf build python/bandadv/_C*.so python/bandadv/_C*.torch *.egg-info python/*.egg-info
+
+# The token-level testbed's full comparison (every method, both rewards, 3 seeds, two runs at a
+# time): the table and plot land in benchmarks/results/, named with this machine's CPU and the date.
+TOKENS_RESULT ?= benchmarks/results/tokens_cpu_$(shell grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //; s/[^A-Za-z0-9]\+/_/g')_$(shell date +%F)
+compare-tokens: build
+	$(PY) -m bandadv simulate --testbed tokens --compare --seeds 3 --jobs 2 --out $(TOKENS_RESULT).txt --png $(TOKENS_RESULT).png

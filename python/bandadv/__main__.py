@@ -1,4 +1,4 @@
-"""Command line: `python -m bandadv demo | simulate [--compare] | bench`."""
+"""Command line: `python -m bandadv demo | simulate [--testbed tokens] [--compare] | bench`."""
 
 from __future__ import annotations
 
@@ -20,12 +20,38 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--seeds", type=int, default=3)
     sim.add_argument("--steps", type=int, default=None)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--png", default="simulate.png", help="where to write the plot ('' for none)")
+    sim.add_argument(
+        "--png",
+        default=None,
+        help="where to write the plot ('' for none; default simulate.png, simulate_tokens.png for --testbed tokens)",
+    )
+    sim.add_argument(
+        "--testbed",
+        choices=["small", "tokens"],
+        default="small",
+        help="small: 13-parameter policy; tokens: a small transformer on token traces",
+    )
+    sim.add_argument("--reward", choices=["outcome", "process"], default="outcome", help="tokens testbed, single run")
+    sim.add_argument("--jobs", type=int, default=2, help="tokens testbed --compare: runs at a time, 1 thread each")
+    sim.add_argument("--out", default=None, help="tokens testbed --compare: also write the table to this file")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(args.prompts, args.group_size, args.seed)
+    elif args.command == "simulate" and args.testbed == "tokens":
+        from dataclasses import replace
+
+        from . import tokens
+
+        cfg = tokens.TokenConfig(seed=args.seed)
+        if args.steps is not None:
+            cfg = replace(cfg, steps=args.steps)
+        if args.compare:
+            tokens.compare(cfg, seeds=args.seeds, jobs=args.jobs, out=args.out, png=args.png or None)
+        else:
+            png = "simulate_tokens.png" if args.png is None else args.png
+            tokens.main(cfg, reward=args.reward, png=png or None)
     elif args.command == "simulate":
         from dataclasses import replace
 
@@ -38,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.compare:
             compare(cfg, seeds=args.seeds)
         else:
-            simulate_main(cfg, png=args.png or None)
+            png = "simulate.png" if args.png is None else args.png
+            simulate_main(cfg, png=png or None)
     elif args.command == "bench":
         from .bench import headline
 
