@@ -38,7 +38,10 @@ struct Inputs {
 // floating statistic (bandadv.GroupStats reads them by these positions, types.STAT_NAMES).
 enum StatRow : int64_t { kSuccesses, kMean, kStd, kPassRate, kSuccessVar, kRewardVar, kNumStats };
 
-// The op's outputs, in the schema's order (op_entry.h checks it by name).
+// The op's outputs, in the schema's order (op_entry.h checks the names against the schema).
+constexpr std::array<std::string_view, 8> kOutputNames = {
+    "advantages", "sample_mask", "reason", "group_mask", "count", "group_stats", "num_kept", "kept_index"};
+
 struct Outputs {
   Tensor advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index;
 };
@@ -91,26 +94,27 @@ inline Tensor empty_on(c10::IntArrayRef size, const c10::TensorOptions& options)
   return at::empty(size, options);
 }
 
-// What each output must be: its shape and dtype for these inputs (on the rewards' device).
+// What each output (kOutputNames) must be: its shape and dtype for these inputs, on the rewards'
+// device.
 struct OutputSpec {
-  const char* name;
   c10::SmallVector<int64_t, 2> sizes;
   at::ScalarType dtype;
 };
 
-inline std::array<OutputSpec, 8> output_specs(const Inputs& in) {
+inline std::array<OutputSpec, kOutputNames.size()> output_specs(const Inputs& in) {
   const int64_t n = in.num_samples, g = in.num_groups;
-  return {{{"advantages", {n}, in.acc_dtype},
-           {"sample_mask", {n}, at::kBool},
-           {"reason", {g}, at::kInt},
-           {"group_mask", {g}, at::kBool},
-           {"count", {g}, at::kInt},
-           {"group_stats", {kNumStats, g}, in.acc_dtype},
-           {"num_kept", {}, at::kLong},
-           {"kept_index", {in.return_index ? n : 0}, at::kLong}}};
+  return {{{{n}, in.acc_dtype},
+           {{n}, at::kBool},
+           {{g}, at::kInt},
+           {{g}, at::kBool},
+           {{g}, at::kInt},
+           {{kNumStats, g}, in.acc_dtype},
+           {{}, at::kLong},
+           {{in.return_index ? n : 0}, at::kLong}}};
 }
 
-inline std::array<Tensor*, 8> output_slots(Outputs& out) {
+// The outputs in kOutputNames order.
+inline std::array<Tensor*, kOutputNames.size()> output_slots(Outputs& out) {
   return {&out.advantages, &out.sample_mask, &out.reason,      &out.group_mask,
           &out.count,      &out.group_stats, &out.num_kept,    &out.kept_index};
 }
@@ -140,10 +144,10 @@ inline void check_outputs(const Inputs& in, Outputs& out) {
     const OutputSpec& spec = specs[i];
     TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(spec.sizes) && t.scalar_type() == spec.dtype &&
                           t.device() == in.rewards.device() && t.is_contiguous(),
-                      "bandadv.group_advantages: out ", spec.name, " must be a contiguous ", dtype_name(spec.dtype),
-                      " tensor of shape ", c10::IntArrayRef(spec.sizes), " on ", in.rewards.device(),
-                      " (from a call with the same inputs' shapes), got ", dtype_name(t.scalar_type()), " ", t.sizes(),
-                      " on ", t.device());
+                      "bandadv.group_advantages: out ", kOutputNames[i], " must be a contiguous ",
+                      dtype_name(spec.dtype), " tensor of shape ", c10::IntArrayRef(spec.sizes), " on ",
+                      in.rewards.device(), " (from a call with the same inputs' shapes), got ",
+                      dtype_name(t.scalar_type()), " ", t.sizes(), " on ", t.device());
   }
 }
 

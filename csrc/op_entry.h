@@ -30,10 +30,8 @@ constexpr std::array<std::string_view, kNumArgs> kArgNames = {
     "rewards", "group_size", "offsets", "success", "valid", "prior", "estimator", "scale", "unbiased", "eps",
     "singleton", "mask_all_equal", "band", "band_inclusive", "min_std", "accidental_max_successes",
     "accidental_prior_max", "accidental_action", "accidental_clip", "mask_too_few", "return_index"};
-// The outputs in the order pushed (Outputs, output_slots); the schema must return them in this
-// order. The out= overload takes them, by these names, as keyword arguments.
-constexpr std::array<std::string_view, 8> kOutputNames = {
-    "advantages", "sample_mask", "reason", "group_mask", "count", "group_stats", "num_kept", "kept_index"};
+// The outputs are pushed in kOutputNames order (op_common.h); the schema must return them in this
+// order, and the out= overload takes them, by these names, as keyword arguments.
 
 // Where each argument sits in the registered schema, after checking that its arguments are
 // exactly kArgNames (and, for the out= overload, the outputs), in any order, and its returns
