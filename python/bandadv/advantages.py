@@ -144,7 +144,8 @@ def _check_values(rewards, group_size, offsets, success, valid, prior, backend) 
     """Checks that read tensor values (a host sync on a GPU), after the shape and dtype checks
     that they rely on. The compiled CPU kernel checks the values of offsets itself, and every
     kernel checks shapes and dtypes, so a call with nothing else to read skips both here."""
-    read_offsets = offsets is not None and (rewards.device.type != "cpu" or backend in ("triton", "torch"))
+    # backend="torch" reads offsets in _run whatever `validate` says
+    read_offsets = offsets is not None and backend != "torch" and (rewards.device.type != "cpu" or backend == "triton")
     read_success = success is not None and success.is_floating_point()
     if not (read_offsets or read_success or prior is not None) or torch.compiler.is_compiling():
         return

@@ -245,10 +245,9 @@ def _reference_op(*args, **kwargs):
 
 def _reference_out_op(*args, **kwargs):
     out = tuple(kwargs.pop(name) for name in OUTPUT_NAMES)
-    a = bind(args, kwargs)
-    check_inputs(a["rewards"], a["group_size"], a["offsets"], a["success"], a["valid"], a["prior"])
-    check_out(out, a)
-    for t, r in zip(out, _reference_op(*args, **kwargs), strict=True):
+    result = _reference_op(*args, **kwargs)  # checks the inputs, which check_out's shapes rely on
+    check_out(out, bind(args, kwargs))
+    for t, r in zip(out, result, strict=True):
         t.copy_(r)
 
 
