@@ -47,7 +47,9 @@ def group_advantages(
             infinite, are left out of every statistic and get advantage 0.
         prior: ``[num_groups]`` earlier pass-rate estimate per prompt (accidental-success rule).
         config: an :class:`AdvantageConfig`; ``preset`` ("trl", "verl", "openrlhf") and keyword
-            ``options`` (its field names) build one instead, or override its fields.
+            ``options`` (its field names) build one instead, or override its fields. Building
+            one validates every option (a few µs, as much as a small call): a trainer builds
+            its config once and passes ``config=`` each step.
         backend: "auto", "cpu" (C++), "cuda", "triton" or "torch" (the float64 reference).
         return_index: also return ``kept_index``, the kept samples' indices, padded with -1.
         validate: check values that live on the device (offsets, success, prior ranges);
@@ -90,27 +92,12 @@ def group_advantages(
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
 
 
-# Configs built from keyword options, by (preset, options): building and validating one costs
-# more than a small op call, and a trainer passes the same options every step. The value types
-# are part of the key, so that a value the validation rejects (True for an int) never hits an
-# entry made by one it accepts (1).
-_CONFIG_CACHE: dict[tuple, AdvantageConfig] = {}
-_CONFIG_CACHE_SIZE = 256
-
-
 def _resolve_config(config: AdvantageConfig | None, preset: str | None, options: dict[str, Any]) -> AdvantageConfig:
+    """The call's config. Keyword options and presets build (and validate) a new one on every
+    call, which costs a few microseconds; a trainer builds its AdvantageConfig once and passes
+    config= each step."""
     if config is None:
-        key = (preset, *((name, type(v), v) for name, v in sorted(options.items())))
-        try:
-            cached = _CONFIG_CACHE.get(key)
-        except TypeError:  # an unhashable value (a list band): built every call
-            return AdvantageConfig.from_preset(preset, **options)
-        if cached is None:
-            cached = AdvantageConfig.from_preset(preset, **options)
-            if len(_CONFIG_CACHE) >= _CONFIG_CACHE_SIZE:
-                _CONFIG_CACHE.clear()
-            _CONFIG_CACHE[key] = cached
-        return cached
+        return AdvantageConfig.from_preset(preset, **options)
     if preset is not None:
         raise ValueError("give config or preset, not both")
     if not isinstance(config, AdvantageConfig):
@@ -209,11 +196,10 @@ def _op_buffers(out: GroupAdvantages, rewards: torch.Tensor, return_index: bool)
 def _result(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
     """The op's outputs (ops.OUTPUT_NAMES) as a GroupAdvantages."""
     advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = outs
+    stats = GroupStats(count, group_stats)
     return GroupAdvantages(
-        advantages=advantages, sample_mask=sample_mask, reason=reason, group_mask=group_mask,
-        stats=GroupStats(count=count, values=group_stats), num_kept=num_kept,
-        kept_index=kept_index if return_index else None,
-    )  # fmt: skip
+        advantages, sample_mask, reason, group_mask, stats, num_kept, kept_index if return_index else None
+    )
 
 
 def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate):

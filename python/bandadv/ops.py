@@ -73,6 +73,7 @@ GROUP_ADVANTAGES_OUT_SCHEMA = out_schema(GROUP_ADVANTAGES_SCHEMA)
 _lib = torch.library.Library("bandadv", "DEF")
 _lib.define(GROUP_ADVANTAGES_SCHEMA)
 _lib.define(GROUP_ADVANTAGES_OUT_SCHEMA)
+_OP = torch.ops.bandadv.group_advantages  # its overloads, .default and .out
 
 
 def bind(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -370,9 +371,9 @@ def group_advantages_op(
     args = (rewards, group_size, offsets, success, valid, prior, *options, return_index)
     if not triton:
         if out is not None:
-            torch.ops.bandadv.group_advantages.out(*args, **dict(zip(OUTPUT_NAMES, out, strict=True)))
+            _OP.out(*args, **dict(zip(OUTPUT_NAMES, out, strict=True)))
             return out
-        return torch.ops.bandadv.group_advantages.default(*args)
+        return _OP.default(*args)
     if rewards.device.type == "cuda" and TRITON_OP_REGISTERED and out is None:
         return torch.ops.bandadv.group_advantages_triton.default(*args)
     if TRITON_AVAILABLE and (rewards.device.type == "cuda" or triton_interpreting()):
