@@ -57,9 +57,10 @@ def reordered_schema() -> str:
     head, rest = schema.split("(", 1)
     arguments, returns = rest.split(") -> ", 1)
     arguments = arguments.split(", ")
-    inputs, trailing = len(bandadv.ops.INPUT_NAMES), len(bandadv.ops.TRAILING_NAMES)
+    inputs, trailing = len(bandadv.ops.INPUT_NAMES) + 1, len(bandadv.ops.TRAILING_NAMES)  # + 1: the "*"
+    assert arguments[inputs - 1] == "*"
     options = arguments[inputs:-trailing]
-    assert options[0].endswith(" estimator") and len(options) > 10
+    assert options[0].startswith("str estimator=") and len(options) > 10
     return f"{head}({', '.join(arguments[:inputs] + options[::-1] + arguments[-trailing:])}) -> {returns}"
 
 

@@ -110,8 +110,8 @@ def test_interface_is_checked_against_the_config():
     # The options' order in the schema is AdvantageConfig's field order: two bool options with the
     # same default swapped in either place fail at import (check_interface), not silently.
     schema = bandadv.ops.GROUP_ADVANTAGES_SCHEMA
-    names = bandadv.config.OPTION_NAMES
-    assert bandadv.ops.check_interface(schema, names) == bandadv.ops.ARG_NAMES
+    names, defaults = bandadv.config.OPTION_NAMES, bandadv.config.OP_DEFAULTS
+    assert bandadv.ops.check_interface(schema, names, defaults) == bandadv.ops.ARG_NAMES
     swapped_schema = schema.replace("bool band_inclusive", "bool TMP").replace(
         "bool mask_too_few", "bool band_inclusive"
     )
@@ -119,9 +119,44 @@ def test_interface_is_checked_against_the_config():
     i, j = names.index("band_inclusive"), names.index("mask_too_few")
     swapped_names = list(names)
     swapped_names[i], swapped_names[j] = names[j], names[i]
-    for args in ((swapped_schema, names), (schema, tuple(swapped_names))):
+    for args in ((swapped_schema, names, defaults), (schema, tuple(swapped_names), defaults)):
         with pytest.raises(RuntimeError, match="band_inclusive"):
             bandadv.ops.check_interface(*args)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("float eps=1e-06", "float eps=1e-05"),  # another default
+        ("bool mask_too_few=True", "bool mask_too_few=False"),
+        ("float accidental_clip=1.0", "int accidental_clip=1"),  # another type of default
+        ("Tensor? prior=None, *, str estimator=", "Tensor? prior=None, str estimator="),  # options positional
+    ],
+)
+def test_schema_defaults_are_the_configs(old, new):
+    # A call passes only the options that differ from the schema's defaults (AdvantageConfig.op_changes),
+    # so a schema default that is not AdvantageConfig's would silently change every call leaving it out.
+    schema = bandadv.ops.GROUP_ADVANTAGES_SCHEMA
+    assert old in schema
+    with pytest.raises(RuntimeError, match="keyword-only with default"):
+        bandadv.ops.check_interface(schema.replace(old, new), bandadv.config.OPTION_NAMES, bandadv.config.OP_DEFAULTS)
+
+
+def test_op_defaults_are_the_default_config():
+    # Called with no options, and with only a config's changes, the op computes what the full
+    # argument list computes.
+    op = torch.ops.bandadv.group_advantages.default
+    rewards = torch.rand(64)
+    for config in (AdvantageConfig(), AdvantageConfig(estimator="rloo", band=(0.2, 0.8), mask_too_few=False)):
+        full = op(rewards, 8, **config.op_kwargs(), return_index=True)
+        short = op(rewards, 8, **config.op_changes(), return_index=True)
+        # torch calls a Python kernel (the reference fallback, the fake) without the defaulted
+        # arguments: bind() fills them in.
+        reference = bandadv.ops._reference_op(rewards, 8, **config.op_changes(), return_index=True)
+        for a, b, c in zip(full, short, reference, strict=True):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert AdvantageConfig().op_changes() == {}
 
 
 def test_config_op_args_follow_the_schema():
@@ -138,7 +173,10 @@ def test_triton_signature_is_the_schema():
     # The Triton op's schema is inferred from a signature built from GROUP_ADVANTAGES_SCHEMA.
     inferred = torch._C.parse_schema("x" + torch.library.infer_schema(bandadv.ops._triton_op_impl, mutates_args=()))
     expected = torch._C.parse_schema(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
-    assert [(a.name, str(a.type)) for a in inferred.arguments] == [(a.name, str(a.type)) for a in expected.arguments]
+    def described(schema):
+        return [(a.name, str(a.type), a.kwarg_only, a.default_value) for a in schema.arguments]
+
+    assert described(inferred) == described(expected)
     assert len(inferred.returns) == len(expected.returns)
 
 

@@ -63,8 +63,10 @@ class AdvantageConfig:
     accidental_clip: float = 1.0
     mask_too_few: bool = True
     # The options as the op takes them, in its schema's order (bandadv.ops.check_interface holds
-    # OPTION_NAMES to it): made once here, since a trainer passes one config every step.
+    # OPTION_NAMES and OP_DEFAULTS to it), and those of them that differ from the op's defaults:
+    # made once here, since a trainer passes one config every step.
     _op_args: tuple = field(init=False, repr=False, compare=False)
+    _op_changes: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, ESTIMATORS)
@@ -102,6 +104,8 @@ class AdvantageConfig:
         if self.band is not None:  # the schema's float[]
             op_args = (*op_args[:band_at], list(self.band), *op_args[band_at + 1 :])
         object.__setattr__(self, "_op_args", op_args)
+        changes = {name: v for name, v in zip(OPTION_NAMES, op_args, strict=True) if v != OP_DEFAULTS[name]}
+        object.__setattr__(self, "_op_changes", changes)
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> AdvantageConfig:
@@ -123,8 +127,19 @@ class AdvantageConfig:
         follow `prior` there)."""
         return self._op_args
 
+    def op_changes(self) -> dict[str, Any]:
+        """The option arguments that differ from the op's defaults, by name: all a call needs to
+        pass (do not modify the dict: it is the config's own)."""
+        return self._op_changes
+
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdvantageConfig) if f.init)
+# The options' defaults in the op's schema: AdvantageConfig's, except scale, which the op cannot
+# leave to the estimator ("group", grpo's default; the other estimators pass "none").
+OP_DEFAULTS: dict[str, Any] = {
+    **{f.name: f.default for f in dataclasses.fields(AdvantageConfig) if f.init},
+    "scale": "group",
+}
 
 # Presets reproduce each trainer's advantage numbers. None of these trainers masks groups by
 # default, so the presets turn the mask rules off; any of them can be turned back on by keyword.

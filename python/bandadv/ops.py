@@ -16,31 +16,36 @@ from typing import Any
 
 import torch
 
-from .config import OPTION_NAMES, AdvantageConfig
+from .config import OP_DEFAULTS, OPTION_NAMES, AdvantageConfig
 from .reference import reference_group_advantages
 from .types import STAT_NAMES, GroupAdvantages
 
 # The op's interface, written once. The C++ kernels read their arguments from it by name
 # (csrc/op_entry.h); the fake, the reference op and the Triton op bind theirs by name through
-# ARG_NAMES; AdvantageConfig.op_args() gives the options in this order, which check_interface
-# holds it to at import.
+# bind(), which fills in the defaults. The options are keyword-only, with AdvantageConfig's
+# defaults (check_interface holds their names, order and defaults to AdvantageConfig at import),
+# so a call passes only the options it changes: each argument passed from Python costs the op
+# call about a microsecond's tenth (torch checks it for __torch_function__ and converts it).
 GROUP_ADVANTAGES_SCHEMA = (
-    "group_advantages(Tensor rewards, int group_size, Tensor? offsets, Tensor? success, Tensor? valid, "
-    "Tensor? prior, str estimator, str scale, bool unbiased, float eps, str singleton, bool mask_all_equal, "
-    "float[]? band, bool band_inclusive, float? min_std, int accidental_max_successes, "
-    "float accidental_prior_max, str accidental_action, float accidental_clip, bool mask_too_few, "
-    "bool return_index) -> (Tensor advantages, Tensor sample_mask, Tensor reason, Tensor group_mask, "
-    "Tensor count, Tensor group_stats, Tensor num_kept, Tensor kept_index)"
+    "group_advantages(Tensor rewards, int group_size=0, Tensor? offsets=None, Tensor? success=None, "
+    'Tensor? valid=None, Tensor? prior=None, *, str estimator="grpo", str scale="group", bool unbiased=True, '
+    'float eps=1e-06, str singleton="zero", bool mask_all_equal=True, float[]? band=None, bool band_inclusive=True, '
+    "float? min_std=None, int accidental_max_successes=0, float accidental_prior_max=0.1, "
+    'str accidental_action="mask", float accidental_clip=1.0, bool mask_too_few=True, bool return_index=False) '
+    "-> (Tensor advantages, Tensor sample_mask, Tensor reason, Tensor group_mask, Tensor count, "
+    "Tensor group_stats, Tensor num_kept, Tensor kept_index)"
 )
 # The arguments before and after the options.
 INPUT_NAMES = ("rewards", "group_size", "offsets", "success", "valid", "prior")
 TRAILING_NAMES = ("return_index",)
 
 
-def check_interface(schema: str, option_names: tuple[str, ...]) -> tuple[str, ...]:
+def check_interface(schema: str, option_names: tuple[str, ...], option_defaults: dict[str, Any]) -> tuple[str, ...]:
     """The schema's argument names, after checking that its options are option_names in order
-    (the order in which AdvantageConfig.op_args() passes them)."""
-    names = tuple(a.name for a in torch._C.parse_schema(schema).arguments)
+    (the order in which AdvantageConfig.op_args() passes them), keyword-only, with
+    option_defaults as their defaults (the values AdvantageConfig leaves out of a call)."""
+    arguments = torch._C.parse_schema(schema).arguments
+    names = tuple(a.name for a in arguments)
     expected = (*INPUT_NAMES, *option_names, *TRAILING_NAMES)
     if names != expected:
         wrong = [
@@ -52,6 +57,14 @@ def check_interface(schema: str, option_names: tuple[str, ...]) -> tuple[str, ..
             "bandadv: the schema of group_advantages does not match AdvantageConfig's options "
             f"({len(names)} arguments, {len(expected)} expected; {', '.join(wrong) or 'lengths differ'})"
         )
+    for a in arguments[len(INPUT_NAMES) :]:
+        default = option_defaults.get(a.name, False)  # return_index: False
+        if not a.kwarg_only or a.default_value != default or type(a.default_value) is not type(default):
+            raise RuntimeError(
+                f"bandadv: option {a.name!r} of the group_advantages schema must be keyword-only with default "
+                f"{default!r} (AdvantageConfig's), got {'keyword-only' if a.kwarg_only else 'positional'} with "
+                f"default {a.default_value!r}"
+            )
     return names
 
 
@@ -61,12 +74,17 @@ def out_schema(schema: str) -> str:
     op that mutates its arguments."""
     name, rest = schema.split("(", 1)
     arguments, _ = rest.split(") -> ", 1)
-    outputs = [r.name for r in torch._C.parse_schema(schema).returns]
+    parsed = torch._C.parse_schema(schema)
+    outputs = [r.name for r in parsed.returns]
     written = [f"Tensor({chr(ord('a') + i)}!) {output}" for i, output in enumerate(outputs)]
-    return f"{name}.out({arguments}, *, {', '.join(written)}) -> ()"
+    keyword_only = "" if any(a.kwarg_only for a in parsed.arguments) else "*, "
+    return f"{name}.out({arguments}, {keyword_only}{', '.join(written)}) -> ()"
 
 
-ARG_NAMES: tuple[str, ...] = check_interface(GROUP_ADVANTAGES_SCHEMA, OPTION_NAMES)
+ARG_NAMES: tuple[str, ...] = check_interface(GROUP_ADVANTAGES_SCHEMA, OPTION_NAMES, OP_DEFAULTS)
+ARG_DEFAULTS: dict[str, Any] = {
+    a.name: a.default_value for a in torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA).arguments if a.name != "rewards"
+}
 OUTPUT_NAMES: tuple[str, ...] = tuple(r.name for r in torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA).returns)
 GROUP_ADVANTAGES_OUT_SCHEMA = out_schema(GROUP_ADVANTAGES_SCHEMA)
 
@@ -77,10 +95,9 @@ _OP = torch.ops.bandadv.group_advantages  # its overloads, .default and .out
 
 
 def bind(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The op's arguments by name, however they were passed."""
-    bound = dict(zip(ARG_NAMES, args, strict=False))  # the rest by keyword
-    bound.update(kwargs)
-    return bound
+    """The op's arguments by name, however they were passed, with the schema's defaults for the
+    ones left out (torch leaves them out when it calls a Python kernel of the op)."""
+    return {**ARG_DEFAULTS, **dict(zip(ARG_NAMES, args, strict=False)), **kwargs}
 
 
 def built_for_torch(extension_path: str) -> str | None:
@@ -301,7 +318,12 @@ def schema_signature() -> inspect.Signature:
     """GROUP_ADVANTAGES_SCHEMA as a Python signature (from which triton_op infers its schema)."""
     schema = torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA)
     parameters = [
-        inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_PYTHON_TYPES[str(a.type)])
+        inspect.Parameter(
+            a.name,
+            inspect.Parameter.KEYWORD_ONLY if a.kwarg_only else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=ARG_DEFAULTS.get(a.name, inspect.Parameter.empty),
+            annotation=_PYTHON_TYPES[str(a.type)],
+        )
         for a in schema.arguments
     ]
     returns = tuple[tuple(torch.Tensor for _ in schema.returns)]
@@ -367,17 +389,27 @@ def group_advantages_op(
     interpreter (triton_op rejects interpreted kernels). With `out` (the outputs of an earlier
     call with the same shapes, in OUTPUT_NAMES order) the results are written there; the Triton
     kernel is then called directly."""
-    options = (config if config is not None else AdvantageConfig()).op_args()
-    args = (rewards, group_size, offsets, success, valid, prior, *options, return_index)
+    # Only what differs from the schema's defaults is passed: each argument costs the call.
+    kwargs = dict((config if config is not None else AdvantageConfig()).op_changes())
+    if offsets is not None:
+        kwargs["offsets"] = offsets
+    if success is not None:
+        kwargs["success"] = success
+    if valid is not None:
+        kwargs["valid"] = valid
+    if prior is not None:
+        kwargs["prior"] = prior
+    if return_index:
+        kwargs["return_index"] = True
     if not triton:
         if out is not None:
-            _OP.out(*args, **dict(zip(OUTPUT_NAMES, out, strict=True)))
+            _OP.out(rewards, group_size, **kwargs, **dict(zip(OUTPUT_NAMES, out, strict=True)))
             return out
-        return _OP.default(*args)
+        return _OP.default(rewards, group_size, **kwargs)
     if rewards.device.type == "cuda" and TRITON_OP_REGISTERED and out is None:
-        return torch.ops.bandadv.group_advantages_triton.default(*args)
+        return torch.ops.bandadv.group_advantages_triton.default(rewards, group_size, **kwargs)
     if TRITON_AVAILABLE and (rewards.device.type == "cuda" or triton_interpreting()):
-        return _run_triton(bind(args, {}), out=out)
+        return _run_triton(bind((rewards, group_size), kwargs), out=out)
     if not TRITON_AVAILABLE:
         raise RuntimeError("backend='triton' needs the triton package")
     raise ValueError(
