@@ -65,8 +65,8 @@ def reordered_schema() -> str:
 
 
 def call_emulated(ops, rewards, config, *, group_size=0, offsets=None, success=None, valid=None, prior=None):
-    args = (rewards, group_size, offsets, success, valid, prior, *config.op_args(), True)
-    return ops.group_advantages.default(**bandadv.ops.bind(args, {}))
+    args = (rewards, group_size, offsets, success, valid, prior)
+    return ops.group_advantages.default(**bandadv.ops.bind(args, {**config.op_kwargs(), "return_index": True}))
 
 
 def run_emulated(ops, rewards, config, **layout):
@@ -207,13 +207,11 @@ def test_out_form_writes_the_callers_buffers(emulated):
     sizes = [7, 0, 33, 1, 64, 5]
     rewards = random_rewards(sum(sizes), "ternary", gen)
     config = AdvantageConfig(band=(0.2, 0.8), accidental_max_successes=1)
-    args = (rewards, 0, make_offsets(sizes), None, None, None, *config.op_args(), True)
-    fresh = emulated.group_advantages.default(**bandadv.ops.bind(args, {}))
+    args = bandadv.ops.bind((rewards, 0, make_offsets(sizes)), {**config.op_kwargs(), "return_index": True})
+    fresh = emulated.group_advantages.default(**args)
     buffers = {name: torch.full_like(t, 3) for name, t in zip(bandadv.ops.OUTPUT_NAMES, fresh, strict=True)}
-    emulated.group_advantages.out(**bandadv.ops.bind(args, {}), **buffers)
+    emulated.group_advantages.out(**args, **buffers)
     for name, written, expected in zip(bandadv.ops.OUTPUT_NAMES, buffers.values(), fresh, strict=True):
         torch.testing.assert_close(written, expected, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="out group_stats must be a contiguous"):
-        emulated.group_advantages.out(
-            **bandadv.ops.bind(args, {}), **{**buffers, "group_stats": buffers["group_stats"].t()}
-        )
+        emulated.group_advantages.out(**args, **{**buffers, "group_stats": buffers["group_stats"].t()})

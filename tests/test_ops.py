@@ -159,20 +159,23 @@ def test_op_defaults_are_the_default_config():
     assert AdvantageConfig().op_changes() == {}
 
 
-def test_config_op_args_follow_the_schema():
+def test_config_op_kwargs_follow_the_schema():
     config = AdvantageConfig(band=(0.2, 0.7), band_inclusive=False, mask_too_few=False, min_std=0.1)
-    bound = bandadv.ops.bind((None,) * len(bandadv.ops.INPUT_NAMES) + config.op_args() + (True,), {})
+    bound = bandadv.ops.bind((None,) * len(bandadv.ops.INPUT_NAMES), {**config.op_kwargs(), "return_index": True})
     assert bound["band"] == [0.2, 0.7] and bound["band_inclusive"] is False and bound["mask_too_few"] is False
     assert bound["min_std"] == 0.1 and bound["return_index"] is True
+    assert list(config.op_kwargs()) == list(bandadv.config.OPTION_NAMES)
     assert {name: bound[name] for name in bandadv.config.OPTION_NAMES if name != "band"} == {
         name: getattr(config, name) for name in bandadv.config.OPTION_NAMES if name != "band"
     }
+    assert config.op_changes() == {"band": [0.2, 0.7], "band_inclusive": False, "min_std": 0.1, "mask_too_few": False}
 
 
 def test_triton_signature_is_the_schema():
     # The Triton op's schema is inferred from a signature built from GROUP_ADVANTAGES_SCHEMA.
     inferred = torch._C.parse_schema("x" + torch.library.infer_schema(bandadv.ops._triton_op_impl, mutates_args=()))
     expected = torch._C.parse_schema(bandadv.ops.GROUP_ADVANTAGES_SCHEMA)
+
     def described(schema):
         return [(a.name, str(a.type), a.kwarg_only, a.default_value) for a in schema.arguments]
 

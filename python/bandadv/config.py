@@ -62,10 +62,9 @@ class AdvantageConfig:
     accidental_action: Literal["mask", "clip"] = "mask"
     accidental_clip: float = 1.0
     mask_too_few: bool = True
-    # The options as the op takes them, in its schema's order (bandadv.ops.check_interface holds
-    # OPTION_NAMES and OP_DEFAULTS to it), and those of them that differ from the op's defaults:
-    # made once here, since a trainer passes one config every step.
-    _op_args: tuple = field(init=False, repr=False, compare=False)
+    # The options that differ from the op's defaults, as the op takes them (its schema's names and
+    # defaults are OPTION_NAMES and OP_DEFAULTS: bandadv.ops.check_interface): made once here,
+    # since a trainer passes one config every step.
     _op_changes: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,12 +98,7 @@ class AdvantageConfig:
         if self.accidental_prior_max > 1.0:
             raise ValueError(f"accidental_prior_max must be in [0, 1], got {self.accidental_prior_max}")
         _number_at_least("accidental_clip", self.accidental_clip, 0.0)
-        op_args = tuple(getattr(self, name) for name in OPTION_NAMES)
-        band_at = OPTION_NAMES.index("band")
-        if self.band is not None:  # the schema's float[]
-            op_args = (*op_args[:band_at], list(self.band), *op_args[band_at + 1 :])
-        object.__setattr__(self, "_op_args", op_args)
-        changes = {name: v for name, v in zip(OPTION_NAMES, op_args, strict=True) if v != OP_DEFAULTS[name]}
+        changes = {name: v for name, v in self.op_kwargs().items() if v != OP_DEFAULTS[name]}
         object.__setattr__(self, "_op_changes", changes)
 
     @classmethod
@@ -119,13 +113,12 @@ class AdvantageConfig:
         return cls(**{**PRESETS[preset], **overrides})
 
     def op_kwargs(self) -> dict[str, Any]:
-        """The option arguments of torch.ops.bandadv.group_advantages, by name."""
-        return dict(zip(OPTION_NAMES, self.op_args(), strict=True))
-
-    def op_args(self) -> tuple:
-        """The option arguments of torch.ops.bandadv.group_advantages, in schema order (they
-        follow `prior` there)."""
-        return self._op_args
+        """Every option argument of torch.ops.bandadv.group_advantages, by name (keyword-only
+        there), in schema order."""
+        options = {name: getattr(self, name) for name in OPTION_NAMES}
+        if self.band is not None:  # the schema's float[]
+            options["band"] = list(self.band)
+        return options
 
     def op_changes(self) -> dict[str, Any]:
         """The option arguments that differ from the op's defaults, by name: all a call needs to

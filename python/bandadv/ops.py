@@ -42,8 +42,8 @@ TRAILING_NAMES = ("return_index",)
 
 def check_interface(schema: str, option_names: tuple[str, ...], option_defaults: dict[str, Any]) -> tuple[str, ...]:
     """The schema's argument names, after checking that its options are option_names in order
-    (the order in which AdvantageConfig.op_args() passes them), keyword-only, with
-    option_defaults as their defaults (the values AdvantageConfig leaves out of a call)."""
+    (AdvantageConfig's fields), keyword-only, with option_defaults as their defaults (the values
+    AdvantageConfig.op_changes() leaves out of a call)."""
     arguments = torch._C.parse_schema(schema).arguments
     names = tuple(a.name for a in arguments)
     expected = (*INPUT_NAMES, *option_names, *TRAILING_NAMES)
