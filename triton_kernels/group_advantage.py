@@ -305,6 +305,8 @@ import struct  # noqa: E402
 
 import torch  # noqa: E402
 
+from ..ops import output_specs  # noqa: E402  (the outputs' shapes and dtypes, as the C++ kernels make them)
+
 _ESTIMATORS = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
 OFFSETS_ERROR = "bandadv.group_advantages: offsets must start at 0, be non-decreasing and end at N"
 _SCALES = {"group": 0, "batch": 1, "none": 2}
@@ -348,23 +350,14 @@ def group_advantages_triton(
     dev = rewards.device
     fresh = out is None
     if fresh:
-        out = (
-            torch.empty(n, dtype=acc, device=dev),  # advantages
-            torch.empty(n, dtype=torch.bool, device=dev),  # sample_mask
-            torch.empty(num_groups, dtype=torch.int32, device=dev),  # reason
-            torch.empty(num_groups, dtype=torch.bool, device=dev),  # group_mask
-            torch.empty(num_groups, dtype=torch.int32, device=dev),  # count
-            torch.empty((6, num_groups), dtype=acc, device=dev),  # group_stats, rows as csrc/op_common.h's StatRow
-            torch.zeros((), dtype=torch.int64, device=dev),  # num_kept
-            torch.full((n if return_index else 0,), -1, dtype=torch.int64, device=dev),  # kept_index
-        )
+        layout = dict(rewards=rewards, group_size=group_size, offsets=offsets, return_index=return_index)
+        out = tuple(torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in output_specs(layout))
     advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = out
-    successes, mean, std, pass_rate, success_var, reward_var = group_stats.unbind(0)
+    successes, mean, std, pass_rate, success_var, reward_var = group_stats.unbind(0)  # rows as STAT_NAMES
     kept_count = torch.empty(num_groups, dtype=torch.int64, device=dev)  # every group writes its own
-    if not fresh:
-        kept_index.fill_(-1)
+    kept_index.fill_(-1)
     if num_groups == 0:
-        return out if fresh else (*out[:6], num_kept.zero_(), kept_index)
+        return (*out[:6], num_kept.zero_(), kept_index)
 
     offsets = offsets.to(torch.int64).contiguous() if not fixed else rewards  # placeholder pointer when fixed
     success_ptr = success.contiguous() if success is not None else rewards
