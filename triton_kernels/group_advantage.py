@@ -305,8 +305,6 @@ import struct  # noqa: E402
 
 import torch  # noqa: E402
 
-from ..ops import output_specs  # noqa: E402  (the outputs' shapes and dtypes, as the C++ kernels make them)
-
 _ESTIMATORS = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
 OFFSETS_ERROR = "bandadv.group_advantages: offsets must start at 0, be non-decreasing and end at N"
 _SCALES = {"group": 0, "batch": 1, "none": 2}
@@ -350,6 +348,10 @@ def group_advantages_triton(
     dev = rewards.device
     fresh = out is None
     if fresh:
+        # The outputs' shapes and dtypes, as the C++ kernels make them. Imported here: the kernels
+        # above are also loaded on their own, as a file (tests/_compile_triton.py).
+        from bandadv.ops import output_specs
+
         layout = dict(rewards=rewards, group_size=group_size, offsets=offsets, return_index=return_index)
         out = tuple(torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in output_specs(layout))
     advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = out
