@@ -279,6 +279,15 @@ struct CpuGroupKernel {
     m.lo = s.lo;
     m.hi = s.hi;
     const acc_t shift = s.sum / s.n;
+    acc_t sum_d, sum_d2;
+    centred_sums(st, at, size, shift, sum_d, sum_d2);
+    set_two_pass(m, shift, sum_d, sum_d2);
+    return m;
+  }
+
+  // The second sweep of a loaded chunk: sums of d = r - shift and of d^2 over its valid samples.
+  C10_ALWAYS_INLINE void centred_sums(const Stage<acc_t>& st, int64_t at, int64_t size, acc_t shift, acc_t& sum_d,
+                                      acc_t& sum_d2) const {
     const V vshift = S::splat(shift);
     V d = {}, d2 = {};
     const acc_t* reward = st.reward + at;
@@ -288,8 +297,8 @@ struct CpuGroupKernel {
       d += x;
       d2 += x * x;
     }
-    set_two_pass(m, shift, S::sum(d), S::sum(d2));
-    return m;
+    sum_d = S::sum(d);
+    sum_d2 = S::sum(d2);
   }
 
   // Advantages and mask of samples [lo, lo + size) of a kept group, staged at `at`. The vector
@@ -357,13 +366,23 @@ struct CpuGroupKernel {
     return res.count;
   }
 
+  // A tile's groups, one array per field, as the vectorised per-group loops read and write them.
+  struct Tile {
+    int32_t n[kTile];  // counts: a tile's groups have at most kChunk samples
+    acc_t successes[kTile], mean[kTile], m2[kTile], lo[kTile], hi[kTile], prior[kTile];
+    acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
+    acc_t center[kTile], factor[kTile], denom[kTile];
+    int32_t kept[kTile], clip[kTile];
+    int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
+  };
+
   // Groups [lo, hi): statistics, advantages, masks and kept counts. With `pre`, the groups'
   // moments are given (scale="batch", whose first pass made them) and not recomputed.
   void run_groups(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, int64_t* kept) const {
     Stage<acc_t>& st = thread_stage<acc_t>();
-    Moments<acc_t> m[kTile];
-    GroupResult<acc_t> res[kTile];
-    int64_t at[kTile];
+    const GroupRules<acc_t, int32_t> rules = group_rules<acc_t, int32_t>(options, batch_std);
+    const bool has_prior = prior != nullptr;
+    Tile tile;
     int64_t g = lo;
     while (g < hi) {
       if (end(g) - begin(g) > kChunk) {
@@ -371,28 +390,86 @@ struct CpuGroupKernel {
         ++g;
         continue;
       }
-      // A tile of consecutive short groups: stage and reduce each ...
+      // A tile of consecutive short groups: stage and sum each ...
       const int64_t first = g;
       int64_t t = 0, used = 0;
       for (; g < hi && t < kTile; ++g, ++t) {
         const int64_t b = begin(g), size = end(g) - b;
         if (size > kChunk || used + padded_size(size) > kStage) break;
-        at[t] = used;
+        tile.at[t] = used;
+        tile.size[t] = size;
         // The hardware prefetcher alone left the first read of each group stalled (a fifth of the
         // kernel's time at 1M groups of 16, in perf): fetch a few KB ahead.
         constexpr int64_t ahead = kPrefetchBytes / sizeof(scalar_t);
         if (b + ahead < num_samples) __builtin_prefetch(rewards + b + ahead);
         const ChunkSums<acc_t> sums = load(b, b + size, st, used);
-        m[t] = pre ? pre[g] : chunk_moments(st, used, size, sums);
+        if (pre) {
+          tile.n[t] = static_cast<int32_t>(pre[g].n);
+          tile.successes[t] = pre[g].successes;
+          tile.mean[t] = pre[g].mean;
+          tile.m2[t] = pre[g].m2;
+          tile.lo[t] = pre[g].lo;
+          tile.hi[t] = pre[g].hi;
+        } else {  // a group with no valid sample sums to zeros here, as in chunk_moments
+          tile.n[t] = static_cast<int32_t>(sums.n);
+          tile.sum[t] = sums.sum;
+          tile.successes[t] = sums.successes;
+          tile.lo[t] = sums.lo;
+          tile.hi[t] = sums.hi;
+        }
+        tile.prior[t] = has_prior ? prior[g] : acc_t(0);
         used += padded_size(size);
       }
-      // ... then the per-group math of the whole tile, then its advantages.
-      for (int64_t i = 0; i < t; ++i) res[i] = finish_stats(first + i, m[i], batch_std);
+      // ... their moments (chunk_moments, with its two divisions per group made in vectorised
+      // loops over the tile) ...
+      if (!pre) {
+        for (int64_t i = 0; i < t; ++i) tile.shift[i] = tile.sum[i] / acc_t(tile.n[i]);
+        for (int64_t i = 0; i < t; ++i) {
+          tile.sum_d[i] = tile.sum_d2[i] = acc_t(0);
+          if (tile.n[i] > 0) centred_sums(st, tile.at[i], tile.size[i], tile.shift[i], tile.sum_d[i], tile.sum_d2[i]);
+        }
+        for (int64_t i = 0; i < t; ++i) {
+          Moments<acc_t, int32_t> m;
+          m.n = tile.n[i];
+          set_two_pass(m, tile.shift[i], tile.sum_d[i], tile.sum_d2[i]);
+          tile.mean[i] = m.n > 0 ? m.mean : acc_t(0);
+          tile.m2[i] = m.n > 0 ? m.m2 : acc_t(0);
+        }
+      }
+      // ... then the per-group math of the whole tile, a loop GCC vectorises (eight float
+      // groups per AVX2 operation; it needs -fno-math-errno and -fno-trapping-math, and ivdep
+      // for the outputs, which never overlap), then its advantages.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#endif
+      for (int64_t i = 0; i < t; ++i) {
+        Moments<acc_t, int32_t> m;
+        m.n = tile.n[i];
+        m.successes = tile.successes[i];
+        m.mean = tile.mean[i];
+        m.m2 = tile.m2[i];
+        m.lo = tile.lo[i];
+        m.hi = tile.hi[i];
+        const GroupResult<acc_t> res = finish_group(m, has_prior, tile.prior[i], rules);
+        groups.store_all_but_mask(first + i, res);
+        tile.center[i] = res.center;
+        tile.factor[i] = res.factor;
+        tile.denom[i] = res.denom;
+        tile.kept[i] = res.kept;
+        tile.clip[i] = res.clip;
+      }
+      for (int64_t i = 0; i < t; ++i) groups.group_mask[first + i] = tile.kept[i];
       for (int64_t i = 0; i < t; ++i) {
         const int64_t gi = first + i;
-        if (res[i].kept) {
-          write_chunk(begin(gi), end(gi) - begin(gi), st, at[i], res[i]);
-          kept[gi] = res[i].count;
+        if (tile.kept[i]) {
+          GroupResult<acc_t> res{};
+          res.center = tile.center[i];
+          res.factor = tile.factor[i];
+          res.denom = tile.denom[i];
+          res.clip = tile.clip[i];
+          res.clip_value = rules.clip_value;
+          write_chunk(begin(gi), end(gi) - begin(gi), st, tile.at[i], res);
+          kept[gi] = tile.n[i];
         } else {
           write_unkept(gi);
           kept[gi] = 0;

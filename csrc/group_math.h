@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BANDADV_HD __host__ __device__ __forceinline__
@@ -62,9 +63,12 @@ struct Options {
 
 // Moments of the valid samples of a group (or of a chunk of one).
 // m2 is the centred sum of squares, sum((r - mean)^2), never E[r^2] - E[r]^2.
-template <typename acc_t>
+// count_t is int64_t but where a kernel knows its groups are short (the CPU kernel's tiles,
+// whose per-group math vectorises only over 32-bit counts: x86 has no vector conversion of
+// 64-bit integers to floats before AVX-512); a count converts to the same float either way.
+template <typename acc_t, typename count_t = int64_t>
 struct Moments {
-  int64_t n = 0;
+  count_t n = 0;
   acc_t successes = 0;
   acc_t mean = 0;
   acc_t m2 = 0;
@@ -94,11 +98,11 @@ BANDADV_HD acc_t default_success(acc_t reward) {
 
 // Chan et al. (1979) pairwise merge, so that groups read in chunks give the
 // same centred m2 as one two-pass sweep would.
-template <typename acc_t>
-BANDADV_HD Moments<acc_t> merge_moments(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+template <typename acc_t, typename count_t>
+BANDADV_HD Moments<acc_t, count_t> merge_moments(const Moments<acc_t, count_t>& a, const Moments<acc_t, count_t>& b) {
   if (a.n == 0) return b;
   if (b.n == 0) return a;
-  Moments<acc_t> out;
+  Moments<acc_t, count_t> out;
   out.n = a.n + b.n;
   const acc_t na = acc_t(a.n), nb = acc_t(b.n), n = acc_t(out.n);
   const acc_t delta = b.mean - a.mean;
@@ -113,19 +117,20 @@ BANDADV_HD Moments<acc_t> merge_moments(const Moments<acc_t>& a, const Moments<a
 // Corrected two-pass (Chan, Golub & LeVeque 1983): with d = r - shift, where shift is a
 // first estimate of the mean, the sums of d and d^2 give a mean and centred m2 free of the
 // rounding in that first estimate.
-template <typename acc_t>
-BANDADV_HD void set_two_pass(Moments<acc_t>& m, acc_t shift, acc_t sum_d, acc_t sum_d2) {
+template <typename acc_t, typename count_t>
+BANDADV_HD void set_two_pass(Moments<acc_t, count_t>& m, acc_t shift, acc_t sum_d, acc_t sum_d2) {
   const acc_t n = acc_t(m.n);
   m.mean = shift + sum_d / n;
   m.m2 = sum_d2 - sum_d * (sum_d / n);
   if (m.m2 < acc_t(0)) m.m2 = acc_t(0);
 }
 
-// Sample variance under the Bessel convention chosen; 0 below two samples.
-template <typename acc_t>
-BANDADV_HD acc_t variance_of(const Moments<acc_t>& m, bool unbiased) {
-  if (m.n < 2) return acc_t(0);
-  return m.m2 / acc_t(unbiased ? m.n - 1 : m.n);
+// Sample variance under the Bessel convention chosen; 0 below two samples. Branch-free (both
+// sides are computed, and the one that applies kept), as is everything finish_group calls.
+template <typename acc_t, typename count_t>
+BANDADV_HD acc_t variance_of(const Moments<acc_t, count_t>& m, bool unbiased) {
+  const acc_t var = m.m2 / acc_t(m.n - count_t(unbiased));
+  return m.n >= 2 ? var : acc_t(0);
 }
 
 // Everything a backend writes for one group, and what it needs to turn each
@@ -135,91 +140,129 @@ struct GroupResult {
   int64_t count;
   acc_t successes, mean, std, reward_var, pass_rate, success_var;
   int32_t reason;
-  bool kept;
+  int32_t kept;  // 1 or 0 (not bool: the CPU kernel's vectorised loop stores them as 32-bit lanes)
   acc_t center, factor, denom;
-  bool clip;
+  int32_t clip;  // 1 or 0
   acc_t clip_value;
 };
 
-template <typename acc_t>
-BANDADV_HD int32_t group_reason(const Moments<acc_t>& m, acc_t std, bool has_prior, acc_t prior,
-                                const Options& o) {
-  if (m.n == 0) return kTooFew;  // nothing to learn from, whatever the options
-  int32_t reason = 0;
-  if (m.n < 2 && o.mask_too_few) reason |= kTooFew;
-  if (m.n >= 2 && o.mask_all_equal && m.lo == m.hi) reason |= kAllEqual;
-  if (m.n >= 2 && o.use_min_std && double(std) <= o.min_std * (1.0 + kLowStdSlack)) reason |= kLowStd;
-  // The band is decided in float64 from k / n on every backend, so that a pass
-  // rate sitting exactly on a bound is classified identically everywhere.
-  if (o.use_band) {
-    const double p = double(m.successes) / double(m.n);
-    if (o.band_inclusive ? p < o.band_lo : p <= o.band_lo) reason |= kBelowBand;
-    if (o.band_inclusive ? p > o.band_hi : p >= o.band_hi) reason |= kAboveBand;
-  }
-  // An "accidental" success: 1..max hits, on a prompt that earlier steps rated
-  // hard (prior below the threshold). A NaN prior means no estimate yet.
-  if (o.accidental_max_successes > 0 && double(m.successes) >= 1.0 &&
-      double(m.successes) <= double(o.accidental_max_successes)) {
-    const bool prior_known = has_prior && prior == prior;
-    if (!prior_known || double(prior) < o.accidental_prior_max) reason |= kAccidentalSuccess;
-  }
-  return reason;
+// The options as finish_group applies them, worked out once per call (or per tile): each rule
+// becomes the reason bit it may set (0 when off) or a count threshold, so that every choice in
+// finish_group compares this group's own values. It is written branch-free, so that the CPU
+// kernel's loop over a tile of groups vectorises: GCC 12 if-converts neither early returns nor
+// selects on a loop-invariant condition. A GPU thread runs it as it is.
+template <typename acc_t, typename count_t>
+struct GroupRules {
+  int32_t too_few, all_equal, low_std, below_band, above_band, accidental;  // bits, 0 when off
+  int32_t band_exclusive, masking;
+  double min_std, band_lo, band_hi, accidental_max, prior_max;
+  bool unbiased;
+  count_t raw_at, zero_at, group_std_from, rloo_from;  // counts at which a rule applies
+  acc_t eps, fixed_denom, clip_value;
+};
+
+template <typename acc_t, typename count_t = int64_t>
+BANDADV_HD GroupRules<acc_t, count_t> group_rules(const Options& o, acc_t batch_std) {
+  constexpr count_t kNever = std::numeric_limits<count_t>::max();  // no group has this many samples
+  GroupRules<acc_t, count_t> r;
+  r.too_few = o.mask_too_few ? kTooFew : 0;
+  r.all_equal = o.mask_all_equal ? kAllEqual : 0;
+  r.low_std = o.use_min_std ? kLowStd : 0;
+  r.below_band = o.use_band ? kBelowBand : 0;
+  r.above_band = o.use_band ? kAboveBand : 0;
+  r.accidental = o.accidental_max_successes > 0 ? kAccidentalSuccess : 0;
+  r.band_exclusive = o.band_inclusive ? 0 : 1;
+  r.masking = kAllEqual | kBelowBand | kAboveBand | kLowStd | kTooFew |
+              (o.accidental_action == AccidentalAction::kMask ? kAccidentalSuccess : 0);
+  r.min_std = o.min_std * (1.0 + kLowStdSlack);
+  r.band_lo = o.band_lo;
+  r.band_hi = o.band_hi;
+  r.accidental_max = double(o.accidental_max_successes);
+  r.prior_max = o.accidental_prior_max;
+  r.unbiased = o.unbiased;
+  // verl (compute_grpo_outcome_advantage) scores a lone sample against mean 0
+  // and std 1; TRL and the default give it advantage 0.
+  r.raw_at = o.singleton == Singleton::kRaw ? 1 : kNever;
+  r.zero_at = o.singleton == Singleton::kRaw ? kNever : 1;
+  // grpo divides by the group's std plus eps (scale="group"), by the batch's (scale="batch"), or
+  // by 1 (scale="none", and every other estimator); rloo scales groups of two or more.
+  const bool grpo = o.estimator == Estimator::kGrpo;
+  r.group_std_from = grpo && o.scale == Scale::kGroup ? 0 : kNever;
+  r.rloo_from = o.estimator == Estimator::kRloo ? 2 : kNever;
+  r.eps = acc_t(o.eps);
+  r.fixed_denom = grpo && o.scale == Scale::kBatch ? batch_std + acc_t(o.eps) : acc_t(1);
+  r.clip_value = acc_t(o.accidental_clip);
+  return r;
 }
 
-template <typename acc_t>
-BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t> m, bool has_prior, acc_t prior,
-                                           acc_t batch_std, const Options& o) {
+template <typename acc_t, typename count_t>
+BANDADV_HD int32_t group_reason(const Moments<acc_t, count_t>& m, acc_t std, bool has_prior, acc_t prior,
+                                const GroupRules<acc_t, count_t>& r) {
+  const int32_t two = m.n >= 2;
+  int32_t reason = r.too_few * (two ^ 1);
+  reason |= r.all_equal * (two & int32_t(m.lo == m.hi));
+  reason |= r.low_std * (two & int32_t(double(std) <= r.min_std));
+  // The band is decided in float64 from k / n on every backend, so that a pass rate sitting
+  // exactly on a bound is classified identically everywhere.
+  const double k = double(m.successes);
+  const double p = k / double(m.n);
+  reason |= r.below_band * (int32_t(p < r.band_lo) | (r.band_exclusive & int32_t(p == r.band_lo)));
+  reason |= r.above_band * (int32_t(p > r.band_hi) | (r.band_exclusive & int32_t(p == r.band_hi)));
+  // An "accidental" success: 1..max hits, on a prompt that earlier steps rated hard (prior below
+  // the threshold). A NaN prior means no estimate yet.
+  const int32_t prior_known = int32_t(has_prior) & int32_t(prior == prior);
+  const int32_t rated_hard = (prior_known ^ 1) | int32_t(double(prior) < r.prior_max);
+  reason |= r.accidental * (int32_t(k >= 1.0) & int32_t(k <= r.accidental_max) & rated_hard);
+  return m.n > 0 ? reason : int32_t(kTooFew);  // nothing to learn from, whatever the options
+}
+
+template <typename acc_t, typename count_t>
+BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t, count_t> m, bool has_prior, acc_t prior,
+                                           const GroupRules<acc_t, count_t>& r) {
   GroupResult<acc_t> g;
+  const int32_t some = m.n > 0;
   // All-equal groups get their exact mean, so r - mean is exactly 0 there and
   // no rounding residue can be blown up by a small denominator.
-  if (m.n > 0 && m.lo == m.hi) {
-    m.mean = m.lo;
-    m.m2 = acc_t(0);
-  }
-  const acc_t var = variance_of(m, o.unbiased);
+  const int32_t equal = some & int32_t(m.lo == m.hi);
+  m.mean = equal ? m.lo : m.mean;
+  m.m2 = equal ? acc_t(0) : m.m2;
+  const acc_t var = variance_of(m, r.unbiased);
   const acc_t n = acc_t(m.n);
   g.count = m.n;
   g.successes = m.successes;
-  g.mean = m.n > 0 ? m.mean : acc_t(0);
+  g.mean = some ? m.mean : acc_t(0);
   g.reward_var = var;
   g.std = sqrt(var);
-  g.pass_rate = m.n > 0 ? m.successes / n : acc_t(0);
+  const acc_t pass_rate = m.successes / n;
+  g.pass_rate = some ? pass_rate : acc_t(0);
   g.success_var = g.pass_rate * (acc_t(1) - g.pass_rate);
-  g.reason = group_reason(m, g.std, has_prior, prior, o);
-
-  int32_t masking = kAllEqual | kBelowBand | kAboveBand | kLowStd | kTooFew;
-  if (o.accidental_action == AccidentalAction::kMask) masking |= kAccidentalSuccess;
-  g.kept = (g.reason & masking) == 0;
-  g.clip = g.kept && (g.reason & kAccidentalSuccess) != 0;
-  g.clip_value = acc_t(o.accidental_clip);
-
-  // verl (compute_grpo_outcome_advantage) scores a lone sample against mean 0
-  // and std 1; TRL and the default give it advantage 0.
-  const bool lone = m.n == 1;
-  const bool raw = lone && o.singleton == Singleton::kRaw;
-  g.center = raw ? acc_t(0) : g.mean;
-  const acc_t group_std = raw ? acc_t(1) : g.std;
-  g.factor = acc_t(1);
-  g.denom = acc_t(1);
-  switch (o.estimator) {
-    case Estimator::kGrpo:
-      if (o.scale == Scale::kGroup) g.denom = group_std + acc_t(o.eps);
-      if (o.scale == Scale::kBatch) g.denom = batch_std + acc_t(o.eps);
-      break;
-    case Estimator::kDrGrpo:
-      break;
-    case Estimator::kRloo:
-      // r - (sum - r) / (n - 1) == n / (n - 1) * (r - mean)
-      if (m.n >= 2) g.factor = n / (n - acc_t(1));
-      break;
-  }
-  if (lone && !raw) g.factor = acc_t(0);
-  if (!g.kept) g.factor = acc_t(0);
+  g.reason = group_reason(m, g.std, has_prior, prior, r);
+  const int32_t kept = (g.reason & r.masking) == 0;
+  g.kept = kept;
+  g.clip = kept & int32_t((g.reason & kAccidentalSuccess) != 0);
+  g.clip_value = r.clip_value;
+  g.center = m.n == r.raw_at ? acc_t(0) : g.mean;
+  const acc_t group_std = m.n == r.raw_at ? acc_t(1) : g.std;
+  g.denom = m.n >= r.group_std_from ? group_std + r.eps : r.fixed_denom;
+  // rloo: r - (sum - r) / (n - 1) == n / (n - 1) * (r - mean)
+  const acc_t rloo_factor = n / (n - acc_t(1));
+  g.factor = m.n >= r.rloo_from ? rloo_factor : acc_t(1);
+  g.factor = m.n == r.zero_at ? acc_t(0) : g.factor;
+  g.factor = kept ? g.factor : acc_t(0);
   return g;
 }
 
+// The same, with the rules worked out here (a backend that finishes one group per thread).
+template <typename acc_t, typename count_t>
+BANDADV_HD GroupResult<acc_t> finish_group(const Moments<acc_t, count_t>& m, bool has_prior, acc_t prior,
+                                           acc_t batch_std, const Options& o) {
+  return finish_group(m, has_prior, prior, group_rules<acc_t, count_t>(o, batch_std));
+}
+
 // Where a backend writes each group's statistics, reason and mask: one array per output,
-// indexed by group. Every kernel stores a finished group through store().
+// indexed by group. Every kernel stores a finished group through store(), or through
+// store_all_but_mask() and then its mask (the CPU kernel's vectorised loop over a tile, which a
+// one-byte store among the four-byte ones keeps GCC 12 from vectorising).
 template <typename acc_t>
 struct GroupOutputs {
   int32_t* reason;
@@ -228,8 +271,12 @@ struct GroupOutputs {
   acc_t *successes, *mean, *std, *pass_rate, *success_var, *reward_var;
 
   BANDADV_HD void store(int64_t g, const GroupResult<acc_t>& r) const {
-    reason[g] = r.reason;
+    store_all_but_mask(g, r);
     group_mask[g] = r.kept;
+  }
+
+  BANDADV_HD void store_all_but_mask(int64_t g, const GroupResult<acc_t>& r) const {
+    reason[g] = r.reason;
     count[g] = static_cast<int32_t>(r.count);
     successes[g] = r.successes;
     mean[g] = r.mean;
