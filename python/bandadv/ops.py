@@ -82,10 +82,9 @@ def out_schema(schema: str) -> str:
 
 
 ARG_NAMES: tuple[str, ...] = check_interface(GROUP_ADVANTAGES_SCHEMA, OPTION_NAMES, OP_DEFAULTS)
-ARG_DEFAULTS: dict[str, Any] = {
-    a.name: a.default_value for a in torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA).arguments if a.name != "rewards"
-}
-OUTPUT_NAMES: tuple[str, ...] = tuple(r.name for r in torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA).returns)
+_SCHEMA = torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA)
+ARG_DEFAULTS: dict[str, Any] = {a.name: a.default_value for a in _SCHEMA.arguments if a.name != "rewards"}
+OUTPUT_NAMES: tuple[str, ...] = tuple(r.name for r in _SCHEMA.returns)
 GROUP_ADVANTAGES_OUT_SCHEMA = out_schema(GROUP_ADVANTAGES_SCHEMA)
 
 _lib = torch.library.Library("bandadv", "DEF")
@@ -316,7 +315,6 @@ _PYTHON_TYPES = {
 
 def schema_signature() -> inspect.Signature:
     """GROUP_ADVANTAGES_SCHEMA as a Python signature (from which triton_op infers its schema)."""
-    schema = torch._C.parse_schema(GROUP_ADVANTAGES_SCHEMA)
     parameters = [
         inspect.Parameter(
             a.name,
@@ -324,9 +322,9 @@ def schema_signature() -> inspect.Signature:
             default=ARG_DEFAULTS.get(a.name, inspect.Parameter.empty),
             annotation=_PYTHON_TYPES[str(a.type)],
         )
-        for a in schema.arguments
+        for a in _SCHEMA.arguments
     ]
-    returns = tuple[tuple(torch.Tensor for _ in schema.returns)]
+    returns = tuple[tuple(torch.Tensor for _ in _SCHEMA.returns)]
     return inspect.Signature(parameters, return_annotation=returns)
 
 
