@@ -5,12 +5,15 @@
 #pragma once
 
 #include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/SmallVector.h>
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <atomic>
 #include <string>
 #include <string_view>
 
@@ -119,12 +122,54 @@ inline std::array<Tensor*, kOutputNames.size()> output_slots(Outputs& out) {
           &out.count,      &out.group_stats, &out.num_kept,    &out.kept_index};
 }
 
+// The outputs of a small CPU call are carved from one allocation: each output still has its own
+// storage (so they never alias, and each pickles and resizes on its own), whose memory is its
+// slice of the block; the block is freed with the last of them. Allocating and freeing eight
+// buffers was a fifth of the instructions of a call on one group of 8 (callgrind). Only for
+// blocks this small, so that an output kept for long keeps little else alive.
+constexpr size_t kSharedBlockBytes = 4096;
+constexpr size_t kOutputAlignment = 64;  // as the CPU allocator aligns each buffer
+
+struct OutputBlock {
+  std::atomic<int> users;
+  c10::DataPtr memory;
+};
+
+inline void release_output_block(void* block) {
+  auto* b = static_cast<OutputBlock*>(block);
+  if (b->users.fetch_sub(1, std::memory_order_acq_rel) == 1) delete b;
+}
+
 inline Outputs allocate_outputs(const Inputs& in) {
   Outputs out;
   const auto specs = output_specs(in);
   const auto slots = output_slots(out);
-  for (size_t i = 0; i < specs.size(); ++i) {
-    *slots[i] = empty_on(specs[i].sizes, in.rewards.options().dtype(specs[i].dtype));
+  constexpr size_t kCount = kOutputNames.size();
+  std::array<size_t, kCount> bytes{}, at{};
+  size_t total = 0;
+  for (size_t i = 0; i < kCount; ++i) {
+    bytes[i] = c10::elementSize(specs[i].dtype);
+    for (const int64_t s : specs[i].sizes) bytes[i] *= static_cast<size_t>(s);
+    at[i] = total;
+    total += (bytes[i] + kOutputAlignment - 1) / kOutputAlignment * kOutputAlignment;
+  }
+  if (!in.rewards.device().is_cpu() || total > kSharedBlockBytes) {
+    for (size_t i = 0; i < kCount; ++i) {
+      *slots[i] = empty_on(specs[i].sizes, in.rewards.options().dtype(specs[i].dtype));
+    }
+    return out;
+  }
+  c10::Allocator* allocator = c10::GetCPUAllocator();
+  auto* block = new OutputBlock{{static_cast<int>(kCount)}, allocator->allocate(total)};
+  char* base = static_cast<char*>(block->memory.get());
+  for (size_t i = 0; i < kCount; ++i) {
+    c10::DataPtr slice(base + at[i], block, &release_output_block, c10::Device(c10::kCPU));
+    // Resizable through the CPU allocator, like a tensor from torch.empty.
+    c10::Storage storage(c10::Storage::use_byte_size_t(), bytes[i], std::move(slice), allocator, true);
+    Tensor t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                        c10::scalarTypeToTypeMeta(specs[i].dtype));
+    t.unsafeGetTensorImpl()->set_sizes_contiguous(specs[i].sizes);
+    *slots[i] = std::move(t);
   }
   return out;
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -205,3 +207,39 @@ def test_opcheck_out_form(case):
     for name, w, f, o in zip(bandadv.ops.OUTPUT_NAMES, buffers.values(), fallback.values(), outs, strict=True):
         torch.testing.assert_close(w, o, rtol=0, atol=0, equal_nan=True, msg=name)
         torch.testing.assert_close(f, o, rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)
+
+
+@pytest.mark.skipif("CPU" not in bandadv.ops.COMPILED, reason="the compiled CPU kernel carves small outputs")
+@pytest.mark.parametrize("num_groups, return_index", [(1, True), (48, False)])  # 48 groups: a 3.5 KB block
+def test_small_outputs_are_independent_tensors(num_groups, return_index):
+    # A small CPU call carves its outputs from one allocation (op_common.h); each must still act
+    # as a tensor of its own: its own storage of its own size (no aliasing, for opcheck; a pickle
+    # carries only it), resizable, shareable, freed with the last output.
+    import pickle
+
+    rewards = torch.rand(8 * num_groups, generator=torch.Generator().manual_seed(num_groups))
+    outs = op(rewards, 8, return_index=return_index)
+    assert outs[1].data_ptr() - outs[0].data_ptr() == -(-outs[0].nbytes // 64) * 64  # one block
+    for i, a in enumerate(outs):
+        assert a.untyped_storage().nbytes() == a.numel() * a.element_size()
+        assert a.data_ptr() % 64 == 0
+        for b in outs[i + 1 :]:
+            assert not torch._C._overlaps(a, b)
+    expected = [t.clone() for t in outs]
+    assert len(pickle.dumps(outs[0])) < len(pickle.dumps(torch.cat([outs[0], outs[0]])))
+    copies = pickle.loads(pickle.dumps(outs))
+    outs[5].share_memory_()
+    assert outs[5].is_shared()
+    outs[0].resize_(10_000).fill_(3.0)  # moves to a buffer of its own; the others stay
+    for t, c, e in zip(outs[1:], copies[1:], expected[1:], strict=True):
+        assert torch.equal(t, e) and torch.equal(c, e)
+    del outs, copies
+
+    def resident_mb():  # now, not the peak (which earlier tests may have set)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = resident_mb()
+    for _ in range(20_000):  # 10 MB or more if the blocks leaked
+        op(rewards, 8, return_index=return_index)
+    assert resident_mb() - before < 5
