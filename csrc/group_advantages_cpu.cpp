@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -65,8 +66,27 @@ struct Simd {
   }
   static C10_ALWAYS_INLINE void store(acc_t* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   static C10_ALWAYS_INLINE V splat(acc_t x) { return V{} + x; }
+  static C10_ALWAYS_INLINE M flag(int32_t x) { return M{} - lane_int(x); }  // every lane set where x is 1
+  // A store that bypasses the caches (p 16-byte aligned), for outputs far larger than them.
+  static C10_ALWAYS_INLINE void stream(acc_t* p, V v) {
+#if defined(__SSE2__) && defined(__x86_64__)
+    if constexpr (sizeof(acc_t) == 4) {
+      __m128 part[kBytes / 16];
+      __builtin_memcpy(part, &v, sizeof v);
+      for (int i = 0; i < kBytes / 16; ++i) _mm_stream_ps(p + 4 * i, part[i]);
+      return;
+    } else {
+      __m128d part[kBytes / 16];
+      __builtin_memcpy(part, &v, sizeof v);
+      for (int i = 0; i < kBytes / 16; ++i) _mm_stream_pd(p + 2 * i, part[i]);
+      return;
+    }
+#endif
+    store(p, v);
+  }
   // Writes the lanes of m as bools (bytes of 0 or 1); float lanes are packed with SSE2, where
   // the compiler would otherwise move them out one by one.
+  template <bool kStream = false>
   static C10_ALWAYS_INLINE void store_mask(bool* p, M m) {
 #if defined(__SSE2__) && defined(__x86_64__)
     if constexpr (sizeof(acc_t) == 4) {
@@ -80,7 +100,11 @@ struct Simd {
       } else if constexpr (kBytes == 32) {
         const __m128i words = _mm_packs_epi32(half[0], half[1]);
         const int64_t bytes = _mm_cvtsi128_si64(_mm_packs_epi16(words, words)) & 0x0101010101010101LL;
-        __builtin_memcpy(p, &bytes, sizeof bytes);
+        if constexpr (kStream) {
+          _mm_stream_si64(reinterpret_cast<long long*>(p), bytes);
+        } else {
+          __builtin_memcpy(p, &bytes, sizeof bytes);
+        }
         return;
       }
     }
@@ -103,6 +127,29 @@ struct Simd {
   }
   static C10_ALWAYS_INLINE V select(M m, V a, V b) { return (V)(((M)a & m) | ((M)b & ~m)); }
   static C10_ALWAYS_INLINE V keep(M m, V a) { return (V)((M)a & m); }  // a where m, else +0
+  // sum() of each of v[0..8), made for the eight at once where that is cheaper (8 float lanes:
+  // 21 shuffles and adds in all, against 6 for each sum), with the same adds in the same order.
+  static constexpr bool kBatchedSum = kWidth == 8 && sizeof(acc_t) == 4;
+  static C10_ALWAYS_INLINE void sum8(const V* v, acc_t* out) {
+    if constexpr (kBatchedSum) {
+      // t[i] + t[i + 4] of v[g] and v[g + 4], side by side
+      V a[4];
+      for (int g = 0; g < 4; ++g) {
+        a[g] = __builtin_shufflevector(v[g], v[g + 4], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(v[g], v[g + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+      }
+      // ... + t[i + 2], for vectors (0, 1 | 4, 5) and (2, 3 | 6, 7) ...
+      const V b01 = __builtin_shufflevector(a[0], a[1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                    __builtin_shufflevector(a[0], a[1], 2, 3, 10, 11, 6, 7, 14, 15);
+      const V b23 = __builtin_shufflevector(a[2], a[3], 0, 1, 8, 9, 4, 5, 12, 13) +
+                    __builtin_shufflevector(a[2], a[3], 2, 3, 10, 11, 6, 7, 14, 15);
+      // ... + t[i + 1]: lane g holds sum(v[g])
+      store(out, __builtin_shufflevector(b01, b23, 0, 2, 8, 10, 4, 6, 12, 14) +
+                     __builtin_shufflevector(b01, b23, 1, 3, 9, 11, 5, 7, 13, 15));
+    } else {
+      for (int g = 0; g < 8; ++g) out[g] = sum(v[g]);
+    }
+  }
   // The lanes in a fixed order: one after another up to 4 lanes, pairwise (halves, then
   // quarters, ...) for 8, where the chain of 7 adds showed in profiles.
   static C10_ALWAYS_INLINE acc_t sum(V v) {
@@ -162,9 +209,9 @@ template <typename K, typename acc_t>
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"), flatten))
 #endif
-void kernel_range_avx2(const K& k, int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std,
-                       Moments<acc_t>* moments_out, int64_t* kept) {
-  k.range(lo, hi, pre, batch_std, moments_out, kept);
+int64_t kernel_range_avx2(const K& k, int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std,
+                          Moments<acc_t>* moments_out, int64_t* kept) {
+  return k.range(lo, hi, pre, batch_std, moments_out, kept);
 }
 
 template <typename scalar_t, typename acc_t, bool kHasSuccess, bool kHasValid, int kBytes>
@@ -187,6 +234,8 @@ struct CpuGroupKernel {
   acc_t* advantages;
   bool* sample_mask;
   GroupOutputs<acc_t> groups;
+  bool stream;   // outputs far larger than the caches: advantages and masks bypass them
+  bool uniform;  // groups of one size that is whole vectors (uniform_tile)
 
   CpuGroupKernel(const Inputs& in, Outputs& out)
       : rewards(in.rewards.data_ptr<scalar_t>()),
@@ -200,7 +249,9 @@ struct CpuGroupKernel {
         options(in.options),
         advantages(out.advantages.data_ptr<acc_t>()),
         sample_mask(out.sample_mask.data_ptr<bool>()),
-        groups(group_outputs<acc_t>(out)) {}
+        groups(group_outputs<acc_t>(out)),
+        stream(in.num_samples * int64_t(sizeof(acc_t)) > (int64_t(8) << 20)),
+        uniform(!in.offsets.defined() && in.group_size % kW == 0 && in.group_size <= kChunk) {}
 
   int64_t begin(int64_t g) const { return offsets ? offsets[g] : g * group_size; }
   int64_t end(int64_t g) const { return offsets ? offsets[g + 1] : (g + 1) * group_size; }
@@ -314,6 +365,15 @@ struct CpuGroupKernel {
     const V denom = S::splat(live ? res.denom : acc_t(1)), clip = S::splat(res.clip_value);
     const M alive = S::splat(live ? acc_t(1) : acc_t(0)) > V{};
     int64_t j = 0;
+    if (stream && reinterpret_cast<uintptr_t>(adv) % 16 == 0) {
+      for (; j + kW <= size; j += kW) {
+        const M ok = S::load(okv + j) > V{};
+        V a = (S::load(reward + j) - center) * factor / denom;
+        if (res.clip) a = S::select(a > clip, clip, a);
+        S::stream(adv + j, S::keep(ok & alive, a));
+        S::template store_mask<true>(mask + j, ok);
+      }
+    }
     for (; j + kW <= size; j += kW) {
       const M ok = S::load(okv + j) > V{};
       V a = (S::load(reward + j) - center) * factor / denom;
@@ -372,21 +432,84 @@ struct CpuGroupKernel {
     acc_t successes[kTile], mean[kTile], m2[kTile], lo[kTile], hi[kTile], prior[kTile];
     acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
     acc_t center[kTile], factor[kTile], denom[kTile];
-    int32_t kept[kTile], clip[kTile];
+    int32_t kept[kTile], clip[kTile], live[kTile];
+    V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
+    acc_t count[kTile];
     int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
   };
 
-  // Groups [lo, hi): statistics, advantages, masks and kept counts. With `pre`, the groups'
-  // moments are given (scale="batch", whose first pass made them) and not recomputed.
-  void run_groups(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, int64_t* kept) const {
+  // The moments of a tile's groups from their two sweeps' sums (chunk_moments, with its two
+  // divisions per group made in loops over the tile, which GCC vectorises).
+  static void tile_shifts(Tile& tile, int64_t t) {
+    for (int64_t i = 0; i < t; ++i) tile.shift[i] = tile.sum[i] / acc_t(tile.n[i]);
+  }
+  static void tile_moments(Tile& tile, int64_t t) {
+    for (int64_t i = 0; i < t; ++i) {
+      Moments<acc_t, int32_t> m;
+      m.n = tile.n[i];
+      set_two_pass(m, tile.shift[i], tile.sum_d[i], tile.sum_d2[i]);
+      tile.mean[i] = m.n > 0 ? m.mean : acc_t(0);  // a group with no valid sample: zeros
+      tile.m2[i] = m.n > 0 ? m.m2 : acc_t(0);
+    }
+  }
+
+  // The per-group math of a tile's groups (first, ...), stored: a loop GCC vectorises (eight float
+  // groups per AVX2 operation; it needs -fno-math-errno and -fno-trapping-math, and ivdep for the
+  // outputs, which never overlap).
+  void finish_tile(int64_t first, int64_t t, const GroupRules<acc_t, int32_t>& rules, Tile& tile) const {
+    const bool has_prior = prior != nullptr;
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#endif
+    for (int64_t i = 0; i < t; ++i) {
+      Moments<acc_t, int32_t> m;
+      m.n = tile.n[i];
+      m.successes = tile.successes[i];
+      m.mean = tile.mean[i];
+      m.m2 = tile.m2[i];
+      m.lo = tile.lo[i];
+      m.hi = tile.hi[i];
+      const GroupResult<acc_t> res = finish_group(m, has_prior, tile.prior[i], rules);
+      groups.store_all_but_mask(first + i, res);
+      tile.center[i] = res.center;
+      tile.factor[i] = res.factor;
+      tile.denom[i] = res.denom;
+      tile.kept[i] = res.kept;
+      tile.clip[i] = res.clip;
+    }
+    for (int64_t i = 0; i < t; ++i) groups.group_mask[first + i] = tile.kept[i];
+  }
+
+  // Groups [lo, hi): statistics, advantages, masks, and each group's kept count into `kept` where
+  // given (for kept_index); returns their sum. With `pre`, the groups' moments are given
+  // (scale="batch", whose first pass made them) and not recomputed.
+  int64_t run_groups(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, int64_t* kept) const {
     Stage<acc_t>& st = thread_stage<acc_t>();
     const GroupRules<acc_t, int32_t> rules = group_rules<acc_t, int32_t>(options, batch_std);
     const bool has_prior = prior != nullptr;
     Tile tile;
-    int64_t g = lo;
+    if (uniform && !pre) {
+      const int64_t per_tile = std::min(kTile, kStage / group_size);
+      auto sweep = [&](auto vectors) {
+        int64_t total = 0;
+        for (int64_t g = lo; g < hi; g += per_tile) {
+          total += uniform_tile<decltype(vectors)::value>(g, std::min(per_tile, hi - g), rules, tile, st, kept);
+        }
+        return total;
+      };
+      switch (group_size / kW) {
+        case 1: return sweep(std::integral_constant<int, 1>{});
+        case 2: return sweep(std::integral_constant<int, 2>{});
+        case 4: return sweep(std::integral_constant<int, 4>{});
+        default: return sweep(std::integral_constant<int, 0>{});
+      }
+    }
+    int64_t g = lo, total = 0;
     while (g < hi) {
       if (end(g) - begin(g) > kChunk) {
-        kept[g] = long_group(g, pre, batch_std, st);
+        const int64_t k = long_group(g, pre, batch_std, st);
+        if (kept) kept[g] = k;
+        total += k;
         ++g;
         continue;
       }
@@ -420,45 +543,17 @@ struct CpuGroupKernel {
         tile.prior[t] = has_prior ? prior[g] : acc_t(0);
         used += padded_size(size);
       }
-      // ... their moments (chunk_moments, with its two divisions per group made in vectorised
-      // loops over the tile) ...
+      // ... their moments ...
       if (!pre) {
-        for (int64_t i = 0; i < t; ++i) tile.shift[i] = tile.sum[i] / acc_t(tile.n[i]);
+        tile_shifts(tile, t);
         for (int64_t i = 0; i < t; ++i) {
           tile.sum_d[i] = tile.sum_d2[i] = acc_t(0);
           if (tile.n[i] > 0) centred_sums(st, tile.at[i], tile.size[i], tile.shift[i], tile.sum_d[i], tile.sum_d2[i]);
         }
-        for (int64_t i = 0; i < t; ++i) {
-          Moments<acc_t, int32_t> m;
-          m.n = tile.n[i];
-          set_two_pass(m, tile.shift[i], tile.sum_d[i], tile.sum_d2[i]);
-          tile.mean[i] = m.n > 0 ? m.mean : acc_t(0);
-          tile.m2[i] = m.n > 0 ? m.m2 : acc_t(0);
-        }
+        tile_moments(tile, t);
       }
-      // ... then the per-group math of the whole tile, a loop GCC vectorises (eight float
-      // groups per AVX2 operation; it needs -fno-math-errno and -fno-trapping-math, and ivdep
-      // for the outputs, which never overlap), then its advantages.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC ivdep
-#endif
-      for (int64_t i = 0; i < t; ++i) {
-        Moments<acc_t, int32_t> m;
-        m.n = tile.n[i];
-        m.successes = tile.successes[i];
-        m.mean = tile.mean[i];
-        m.m2 = tile.m2[i];
-        m.lo = tile.lo[i];
-        m.hi = tile.hi[i];
-        const GroupResult<acc_t> res = finish_group(m, has_prior, tile.prior[i], rules);
-        groups.store_all_but_mask(first + i, res);
-        tile.center[i] = res.center;
-        tile.factor[i] = res.factor;
-        tile.denom[i] = res.denom;
-        tile.kept[i] = res.kept;
-        tile.clip[i] = res.clip;
-      }
-      for (int64_t i = 0; i < t; ++i) groups.group_mask[first + i] = tile.kept[i];
+      // ... then the per-group math of the whole tile, then its advantages.
+      finish_tile(first, t, rules, tile);
       for (int64_t i = 0; i < t; ++i) {
         const int64_t gi = first + i;
         if (tile.kept[i]) {
@@ -469,60 +564,208 @@ struct CpuGroupKernel {
           res.clip = tile.clip[i];
           res.clip_value = rules.clip_value;
           write_chunk(begin(gi), end(gi) - begin(gi), st, tile.at[i], res);
-          kept[gi] = tile.n[i];
         } else {
           write_unkept(gi);
-          kept[gi] = 0;
+        }
+        const int64_t k = tile.kept[i] ? tile.n[i] : 0;
+        if (kept) kept[gi] = k;
+        total += k;
+      }
+    }
+    return total;
+  }
+
+  // S::sum of each of v[0..count), into out.
+  static void lane_sums(const V* v, int64_t count, acc_t* out) {
+    int64_t i = 0;
+    if constexpr (S::kBatchedSum) {
+      for (; i + 8 <= count; i += 8) S::sum8(v + i, out + i);
+    }
+    for (; i < count; ++i) out[i] = S::sum(v[i]);
+  }
+
+  // Groups first, ..., first + t - 1 of one size G that is whole vectors (`uniform`; not
+  // scale="batch"). Their samples lie back to back and need no padding, so each sweep runs over
+  // the tile with no per-group staging, tests or calls: about a third of the instructions per
+  // group of the general tile above at G = 16 (callgrind). Every sum is made as load and
+  // centred_sums make it, lane by lane in the same order and then S::sum, so the results are bit
+  // for bit the general path's.
+  // kVectors is G / kW where a common G makes it known at compile time (its loops then unroll),
+  // else 0.
+  template <int kVectors>
+  int64_t uniform_tile(int64_t first, int64_t t, const GroupRules<acc_t, int32_t>& rules, Tile& tile,
+                    Stage<acc_t>& st, int64_t* kept) const {
+    constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+    const int64_t size = kVectors > 0 ? kVectors * kW : group_size, vectors = size / kW;
+    const int64_t base = first * size, count = t * size;
+    {  // fetch the next tile ahead of its sweep (see run_groups)
+      const char* next = reinterpret_cast<const char*>(rewards + base + count);
+      const int64_t bytes = std::min(count, num_samples - base - count) * int64_t(sizeof(scalar_t));
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+    }
+    // Stage in acc_t (an unset valid flag reads as a NaN reward), unless already so.
+    const acc_t* staged = st.reward;
+    if constexpr (std::is_same_v<scalar_t, acc_t> && !kHasValid) {
+      staged = reinterpret_cast<const acc_t*>(rewards + base);
+    } else {
+      for (int64_t j = 0; j < count; ++j) {
+        const acc_t r = static_cast<acc_t>(rewards[base + j]);
+        st.reward[j] = kHasValid ? (valid[base + j] ? r : nan) : r;
+      }
+    }
+    // The first sweep (load): valid samples, their count, sum and successes, per lane.
+    const V one = S::splat(1), half = S::splat(0.5);
+    for (int64_t i = 0; i < t; ++i) {
+      V n = {}, sum = {}, k = {};
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t j = (i * vectors + v) * kW;
+        const V r = S::load(staged + j);
+        M ok = (r - r) == V{};
+        V s;
+        if constexpr (kHasSuccess) {
+          s = S::load(success + base + j);
+          ok &= (s - s) == V{};
+        } else {
+          s = S::keep(r > half, one);
+        }
+        const V rv = S::keep(ok, r), w = S::keep(ok, one);
+        S::store(st.reward + j, rv);
+        S::store(st.ok + j, w);
+        n += w;
+        sum += rv;
+        k += S::keep(ok, s);
+      }
+      tile.lanes[0][i] = n;
+      tile.lanes[1][i] = sum;
+      tile.lanes[2][i] = k;
+    }
+    lane_sums(tile.lanes[0], t, tile.count);
+    lane_sums(tile.lanes[1], t, tile.sum);
+    lane_sums(tile.lanes[2], t, tile.successes);
+    for (int64_t i = 0; i < t; ++i) tile.n[i] = static_cast<int32_t>(tile.count[i]);
+    for (int64_t i = 0; i < t; ++i) {  // the first valid reward, which the others are compared with
+      acc_t first_valid = 0;
+      for (int64_t j = i * size; j < (i + 1) * size; ++j) {
+        if (st.ok[j] != acc_t(0)) {
+          first_valid = st.reward[j];
+          break;
+        }
+      }
+      tile.lo[i] = first_valid;
+    }
+    for (int64_t i = 0; i < t; ++i) tile.prior[i] = prior ? prior[first + i] : acc_t(0);
+    // The second sweep (centred_sums), which also tests whether every valid reward equals the
+    // first: the group's range as load keeps it.
+    tile_shifts(tile, t);
+    for (int64_t i = 0; i < t; ++i) {
+      const V vshift = S::splat(tile.shift[i]), vfirst = S::splat(tile.lo[i]);
+      V d = {}, d2 = {};
+      M differ = {};
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t j = (i * vectors + v) * kW;
+        const V rv = S::load(st.reward + j), w = S::load(st.ok + j);
+        const V x = (rv - vshift) * w;
+        d += x;
+        d2 += x * x;
+        differ |= (w > V{}) & (rv != vfirst);
+      }
+      tile.lanes[0][i] = d;
+      tile.lanes[1][i] = d2;
+      const bool all_equal = S::none(differ);
+      tile.hi[i] = all_equal ? tile.lo[i] : inf;
+      tile.lo[i] = all_equal ? tile.lo[i] : -inf;
+    }
+    lane_sums(tile.lanes[0], t, tile.sum_d);
+    lane_sums(tile.lanes[1], t, tile.sum_d2);
+    tile_moments(tile, t);
+    finish_tile(first, t, rules, tile);
+    // Advantages and masks (write_chunk's formula; an unkept group has factor 0, so its
+    // advantages are 0, and its mask is cleared).
+    for (int64_t i = 0; i < t; ++i) {  // as write_chunk: a zero factor or denominator gives 0
+      tile.live[i] = int32_t(tile.factor[i] != acc_t(0)) & int32_t(tile.denom[i] != acc_t(0));
+      tile.denom[i] = tile.live[i] ? tile.denom[i] : acc_t(1);
+    }
+    const V clip = S::splat(rules.clip_value);
+    const bool nt = stream && reinterpret_cast<uintptr_t>(advantages) % 16 == 0;
+    for (int64_t i = 0; i < t; ++i) {
+      const V center = S::splat(tile.center[i]), factor = S::splat(tile.factor[i]), denom = S::splat(tile.denom[i]);
+      const M alive = S::flag(tile.live[i]), in_group = S::flag(tile.kept[i]), clipped = S::flag(tile.clip[i]);
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t j = (i * vectors + v) * kW;
+        const M ok = S::load(st.ok + j) > V{};
+        V a = (S::load(st.reward + j) - center) * factor / denom;
+        a = S::select((a > clip) & clipped, clip, a);
+        if (nt) {
+          S::stream(advantages + base + j, S::keep(ok & alive, a));
+          S::template store_mask<true>(sample_mask + base + j, ok & in_group);
+        } else {
+          S::store(advantages + base + j, S::keep(ok & alive, a));
+          S::store_mask(sample_mask + base + j, ok & in_group);
         }
       }
     }
+    int64_t total = 0;
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t k = tile.kept[i] ? tile.n[i] : 0;
+      if (kept) kept[first + i] = k;
+      total += k;
+    }
+    return total;
   }
 
   // One parallel task: the moments of groups [lo, hi) into moments_out (the first pass of
-  // scale="batch"), or their results (run_groups).
-  void range(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
-             int64_t* kept) const {
+  // scale="batch"), or their results (run_groups), returning their kept samples.
+  int64_t range(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
+                int64_t* kept) const {
     if (moments_out) {
       Stage<acc_t>& st = thread_stage<acc_t>();
       for (int64_t g = lo; g < hi; ++g) moments_out[g] = group_moments(g, st);
-    } else {
-      run_groups(lo, hi, pre, batch_std, kept);
+      return 0;
     }
+    const int64_t total = run_groups(lo, hi, pre, batch_std, kept);
+#if defined(__SSE2__) && defined(__x86_64__)
+    if (stream) _mm_sfence();  // the streamed stores are ordered before the task ends
+#endif
+    return total;
   }
 
-  void parallel_range(int64_t grain, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
-                      int64_t* kept) const {
+  int64_t parallel_range(int64_t grain, const Moments<acc_t>* pre, acc_t batch_std, Moments<acc_t>* moments_out,
+                         int64_t* kept) const {
+    std::atomic<int64_t> total{0};
     at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
       if constexpr (kBytes == 32) {
-        kernel_range_avx2(*this, lo, hi, pre, batch_std, moments_out, kept);
+        total += kernel_range_avx2(*this, lo, hi, pre, batch_std, moments_out, kept);
       } else {
-        range(lo, hi, pre, batch_std, moments_out, kept);
+        total += range(lo, hi, pre, batch_std, moments_out, kept);
       }
     });
+    return total.load();
   }
 
   void run(Outputs& out, bool return_index) const {
     const int64_t grain = std::max<int64_t>(1, kGrainSamples * num_groups / std::max<int64_t>(1, num_samples));
-    std::vector<int64_t> kept(num_groups);
+    // Each group's kept count, for kept_index only: the total comes from the tasks' own sums.
+    std::unique_ptr<int64_t[]> kept(return_index ? new int64_t[num_groups] : nullptr);
+    int64_t total;
     if (options.scale == Scale::kBatch) {
       std::vector<Moments<acc_t>> moments(num_groups);
       parallel_range(grain, nullptr, acc_t(0), moments.data(), nullptr);
       Moments<acc_t> batch;  // merged in group order: deterministic
       for (const auto& m : moments) batch = merge_moments(batch, m);
       const acc_t batch_std = std::sqrt(variance_of(batch, options.unbiased));
-      parallel_range(grain, moments.data(), batch_std, nullptr, kept.data());
+      total = parallel_range(grain, moments.data(), batch_std, nullptr, kept.get());
     } else {
-      parallel_range(grain, nullptr, acc_t(0), nullptr, kept.data());
-    }
-    // Exclusive scan of kept counts gives each group its slot in kept_index.
-    int64_t total = 0;
-    for (int64_t g = 0; g < num_groups; ++g) {
-      const int64_t k = kept[g];
-      kept[g] = total;
-      total += k;
+      total = parallel_range(grain, nullptr, acc_t(0), nullptr, kept.get());
     }
     *out.num_kept.data_ptr<int64_t>() = total;
     if (!return_index) return;
+    // Exclusive scan of kept counts gives each group its slot in kept_index.
+    for (int64_t g = 0, slot = 0; g < num_groups; ++g) {
+      const int64_t k = kept[g];
+      kept[g] = slot;
+      slot += k;
+    }
     int64_t* index = out.kept_index.data_ptr<int64_t>();
     at::parallel_for(0, num_groups, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t g = lo; g < hi; ++g) {
