@@ -112,18 +112,20 @@ def _config_strategy():
 
 
 @st.composite
-def cases(draw):
+def cases(draw, ragged: bool | None = None, many_groups: bool = False):
     config = draw(_config_strategy())
     if config.estimator == "grpo":
         config = dataclasses.replace(config, scale=draw(st.sampled_from(["group", "batch", "none"])))
-    ragged = draw(st.booleans())
+    if ragged is None:
+        ragged = draw(st.booleans())
     if ragged:
         sizes = draw(st.lists(st.integers(0, 12) | st.integers(13, 1100), min_size=0, max_size=30))
         layout = {"offsets": make_offsets(sizes)}
         n, num_groups = sum(sizes), len(sizes)
     else:
-        g = draw(st.integers(1, 40) | st.sampled_from([1024, 1030]))
-        num_groups = draw(st.integers(0, 8 if g > 100 else 40))
+        g = draw(st.integers(1, 40) | st.sampled_from([1024, 1030] + ([8, 16, 32, 64, 128] if many_groups else [])))
+        # many_groups: past the CPU kernel's tiles (64 groups of 16, 32 of 128, 4 of 1024)
+        num_groups = draw(st.integers(0, 8 if g > 128 else (150 if many_groups else 40)))
         layout = {"group_size": g}
         n = g * num_groups
     seed = draw(st.integers(0, 2**31 - 1))
@@ -166,6 +168,23 @@ def test_property_matches_reference(backend_name, case):
     assert not torch.isnan(out.advantages).any()
     assert torch.all(out.advantages[~out.sample_mask] == 0)
     assert torch.all(out.stats.count >= 0)
+
+
+@pytest.mark.skipif("CPU" not in bandadv.ops.COMPILED, reason="the CPU kernel was not built")
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(ragged=False, many_groups=True))
+def test_cpu_fixed_groups_are_bit_for_bit_the_same_groups_as_offsets(case):
+    # The CPU kernel sweeps groups of one size that is whole vectors (uniform_tile) in its own
+    # loops, and any other layout group by group; both must make every sum in the same order.
+    rewards, layout, extras, config = case
+    g = layout["group_size"]
+    offsets = torch.arange(0, rewards.shape[0] + 1, g, dtype=torch.int64)
+    fixed = bandadv.group_advantages(rewards, g, config=config, backend="cpu", return_index=True, **extras)
+    ragged = bandadv.group_advantages(rewards, offsets=offsets, config=config, backend="cpu", return_index=True, **extras)
+    for name, a, b in zip(fixed._fields, fixed, ragged, strict=True):
+        for x, y in zip(a, b, strict=True) if name == "stats" else [(a, b)]:
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), name  # bits
 
 
 def test_low_std_ties_classify_alike_on_every_backend(backend):
