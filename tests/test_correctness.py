@@ -211,3 +211,28 @@ def test_all_equal_groups_of_any_value_are_masked(backend, group_size):
     assert not out.group_mask.any()
     assert torch.equal(out.stats.mean, values)
     assert (out.advantages == 0).all() and int(out.num_kept) == 0
+
+
+@pytest.mark.skipif("CPU" not in bandadv.ops.COMPILED, reason="the CPU kernel was not built")
+@pytest.mark.parametrize("group_size", [16, 12, 7])  # uniform tiles with AVX2 / with SSE2 only / neither
+def test_cpu_outputs_past_the_caches_are_the_same_bits(group_size):
+    # Past 8 MB of advantages the CPU kernel writes advantages and masks with streaming stores
+    # (where the buffer is 16-byte aligned); each half of the batch alone stays under that.
+    gen = torch.Generator().manual_seed(group_size)
+    n = group_size * ((3 << 20) // group_size)  # 12 MB of float32 advantages
+    rewards = random_rewards(n, "ternary", gen)
+    rewards[torch.rand(n, generator=gen) < 0.01] = float("nan")
+    config = AdvantageConfig(band=(0.1, 0.9), accidental_max_successes=1)
+    whole = bandadv.group_advantages(rewards, group_size, config=config, backend="cpu")
+    half = n // group_size // 2 * group_size
+    parts = [bandadv.group_advantages(r, group_size, config=config, backend="cpu") for r in rewards.split(half)]
+    for name in ("advantages", "sample_mask", "reason", "group_mask"):
+        expected = torch.cat([getattr(p, name) for p in parts])
+        assert torch.equal(getattr(whole, name).view(torch.uint8), expected.view(torch.uint8)), name
+    # out= buffers one element off 16-byte alignment take the ordinary stores, to the same bits.
+    storage = torch.empty(n + 1)
+    out = whole._replace(advantages=storage[1:], sample_mask=torch.empty(n, dtype=torch.bool))
+    again = bandadv.group_advantages(rewards, group_size, config=config, backend="cpu", out=out)
+    assert again.advantages.data_ptr() % 16 != 0
+    assert torch.equal(again.advantages.view(torch.uint8), whole.advantages.view(torch.uint8))
+    assert torch.equal(again.sample_mask, whole.sample_mask)
