@@ -180,7 +180,9 @@ def test_cpu_fixed_groups_are_bit_for_bit_the_same_groups_as_offsets(case):
     g = layout["group_size"]
     offsets = torch.arange(0, rewards.shape[0] + 1, g, dtype=torch.int64)
     fixed = bandadv.group_advantages(rewards, g, config=config, backend="cpu", return_index=True, **extras)
-    ragged = bandadv.group_advantages(rewards, offsets=offsets, config=config, backend="cpu", return_index=True, **extras)
+    ragged = bandadv.group_advantages(
+        rewards, offsets=offsets, config=config, backend="cpu", return_index=True, **extras
+    )
     for name, a, b in zip(fixed._fields, fixed, ragged, strict=True):
         for x, y in zip(a, b, strict=True) if name == "stats" else [(a, b)]:
             assert x.dtype == y.dtype and x.shape == y.shape, name
