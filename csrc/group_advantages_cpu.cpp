@@ -70,7 +70,25 @@ struct Simd {
   }
   static C10_ALWAYS_INLINE void store(acc_t* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   static C10_ALWAYS_INLINE V splat(acc_t x) { return V{} + x; }
-  static C10_ALWAYS_INLINE M flag(int32_t x) { return M{} - lane_int(x); }  // every lane set where x is 1
+  static C10_ALWAYS_INLINE M splat_lanes(lane_int x) { return M{} + x; }
+  // The lanes of m as bits, lane i as bit i.
+  static C10_ALWAYS_INLINE int bits(M m) {
+    int out = 0;
+#if defined(__SSE2__) && defined(__x86_64__)
+    if constexpr (sizeof(acc_t) == 4) {
+      __m128 part[kBytes / 16];
+      __builtin_memcpy(part, &m, sizeof m);
+      for (int i = 0; i < kBytes / 16; ++i) out |= _mm_movemask_ps(part[i]) << (4 * i);
+    } else {
+      __m128d part[kBytes / 16];
+      __builtin_memcpy(part, &m, sizeof m);
+      for (int i = 0; i < kBytes / 16; ++i) out |= _mm_movemask_pd(part[i]) << (2 * i);
+    }
+#else
+    for (int i = 0; i < kWidth; ++i) out |= int(m[i] != 0) << i;
+#endif
+    return out;
+  }
   // A store that bypasses the caches (p 16-byte aligned), for outputs far larger than them.
   static C10_ALWAYS_INLINE void stream(acc_t* p, V v) {
 #if defined(__SSE2__) && defined(__x86_64__)
@@ -442,7 +460,9 @@ struct CpuGroupKernel {
     acc_t successes[kTile], mean[kTile], m2[kTile], lo[kTile], hi[kTile], prior[kTile];
     acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
     acc_t center[kTile], factor[kTile], denom[kTile];
-    int32_t kept[kTile], clip[kTile], live[kTile];
+    int32_t kept[kTile], clip[kTile];
+    // Per group, as vector lanes (all ones or zeros): advantages live, samples kept, clipped.
+    typename S::lane_int alive_lanes[kTile], kept_lanes[kTile], clip_lanes[kTile];
     V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
     acc_t count[kTile];
     int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
@@ -628,6 +648,8 @@ struct CpuGroupKernel {
     const V one = S::splat(1), half = S::splat(0.5);
     for (int64_t i = 0; i < t; ++i) {
       V n = {}, sum = {}, k = {};
+      acc_t first_valid = 0;  // the first valid reward, which the others are compared with
+      bool found = false;
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
         const V r = S::load(staged + j);
@@ -645,7 +667,14 @@ struct CpuGroupKernel {
         n += w;
         sum += rv;
         k += S::keep(ok, s);
+        if (!found) {
+          if (const int valid_lanes = S::bits(ok)) {
+            first_valid = staged[j + __builtin_ctz(valid_lanes)];
+            found = true;
+          }
+        }
       }
+      tile.lo[i] = first_valid;
       tile.lanes[0][i] = n;
       tile.lanes[1][i] = sum;
       tile.lanes[2][i] = k;
@@ -654,16 +683,6 @@ struct CpuGroupKernel {
     lane_sums(tile.lanes[1], t, tile.sum);
     lane_sums(tile.lanes[2], t, tile.successes);
     for (int64_t i = 0; i < t; ++i) tile.n[i] = static_cast<int32_t>(tile.count[i]);
-    for (int64_t i = 0; i < t; ++i) {  // the first valid reward, which the others are compared with
-      acc_t first_valid = 0;
-      for (int64_t j = i * size; j < (i + 1) * size; ++j) {
-        if (st.ok[j] != acc_t(0)) {
-          first_valid = st.reward[j];
-          break;
-        }
-      }
-      tile.lo[i] = first_valid;
-    }
     for (int64_t i = 0; i < t; ++i) tile.prior[i] = prior ? prior[first + i] : acc_t(0);
     // The second sweep (centred_sums), which also tests whether every valid reward equals the
     // first: the group's range as load keeps it.
@@ -692,20 +711,27 @@ struct CpuGroupKernel {
     finish_tile(first, t, rules, tile);
     // Advantages and masks (write_chunk's formula; an unkept group has factor 0, so its
     // advantages are 0, and its mask is cleared).
+    using lane_int = typename S::lane_int;
+    int32_t clipping = 0;
     for (int64_t i = 0; i < t; ++i) {  // as write_chunk: a zero factor or denominator gives 0
-      tile.live[i] = int32_t(tile.factor[i] != acc_t(0)) & int32_t(tile.denom[i] != acc_t(0));
-      tile.denom[i] = tile.live[i] ? tile.denom[i] : acc_t(1);
+      const int32_t live = int32_t(tile.factor[i] != acc_t(0)) & int32_t(tile.denom[i] != acc_t(0));
+      tile.denom[i] = live ? tile.denom[i] : acc_t(1);
+      tile.alive_lanes[i] = -lane_int(live);
+      tile.kept_lanes[i] = -lane_int(tile.kept[i]);
+      tile.clip_lanes[i] = -lane_int(tile.clip[i]);
+      clipping |= tile.clip[i];
     }
     const V clip = S::splat(rules.clip_value);
     const bool nt = streams(advantages);  // and so every group's first sample, G being whole vectors
     for (int64_t i = 0; i < t; ++i) {
       const V center = S::splat(tile.center[i]), factor = S::splat(tile.factor[i]), denom = S::splat(tile.denom[i]);
-      const M alive = S::flag(tile.live[i]), in_group = S::flag(tile.kept[i]), clipped = S::flag(tile.clip[i]);
+      const M alive = S::splat_lanes(tile.alive_lanes[i]), in_group = S::splat_lanes(tile.kept_lanes[i]);
+      const M clipped = S::splat_lanes(tile.clip_lanes[i]);
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
         const M ok = S::load(st.ok + j) > V{};
         V a = (S::load(st.reward + j) - center) * factor / denom;
-        a = S::select((a > clip) & clipped, clip, a);
+        if (clipping) a = S::select((a > clip) & clipped, clip, a);
         put(advantages + base + j, sample_mask + base + j, S::keep(ok & alive, a), ok & in_group, nt);
       }
     }
