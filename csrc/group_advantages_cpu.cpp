@@ -464,7 +464,7 @@ struct CpuGroupKernel {
     // Per group, as vector lanes (all ones or zeros): advantages live, samples kept, clipped.
     typename S::lane_int alive_lanes[kTile], kept_lanes[kTile], clip_lanes[kTile];
     V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
-    acc_t count[kTile];
+    acc_t count[kTile];  // valid samples, as S::sum makes them (then n)
     int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
   };
 
@@ -615,16 +615,16 @@ struct CpuGroupKernel {
   }
 
   // Groups first, ..., first + t - 1 of one size G that is whole vectors (`uniform`; not
-  // scale="batch"). Their samples lie back to back and need no padding, so each sweep runs over
-  // the tile with no per-group staging, tests or calls: 220 instructions per group of 16 against
-  // the general tile's 372 (callgrind, AVX2, one call on 65,536 groups). Every sum is made as load and
-  // centred_sums make it, lane by lane in the same order and then S::sum, so the results are bit
-  // for bit the general path's.
-  // kVectors is G / kW where a common G makes it known at compile time (its loops then unroll),
-  // else 0.
+  // scale="batch"); returns their kept samples. Their samples lie back to back and need no
+  // padding, so each sweep runs over the tile with no per-group staging, tests or calls: 220
+  // instructions per group of 16 against the general tile's 372 (callgrind, AVX2, one call on
+  // 65,536 groups). Every sum is made as load and centred_sums make it, lane by lane in the same
+  // order and then S::sum, so the results are bit for bit the general path's (a test holds them
+  // to it). kVectors is G / kW where a common G makes it known at compile time (its loops then
+  // unroll), else 0.
   template <int kVectors>
   int64_t uniform_tile(int64_t first, int64_t t, const GroupRules<acc_t, int32_t>& rules, Tile& tile,
-                    Stage<acc_t>& st, int64_t* kept) const {
+                       Stage<acc_t>& st, int64_t* kept) const {
     constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
     const int64_t size = kVectors > 0 ? kVectors * kW : group_size, vectors = size / kW;

@@ -5,10 +5,10 @@
 #pragma once
 
 #include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
-#include <c10/core/Storage.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
 #include <c10/util/SmallVector.h>
 #include <c10/util/Exception.h>
 
@@ -160,9 +160,14 @@ inline Outputs allocate_outputs(const Inputs& in) {
     return out;
   }
   c10::Allocator* allocator = c10::GetCPUAllocator();
-  auto* block = new OutputBlock{{static_cast<int>(kCount)}, allocator->allocate(total)};
+  auto* block = new OutputBlock{{1}, allocator->allocate(total)};
+  struct Use {  // this function's own use of the block, dropped however it returns
+    OutputBlock* block;
+    ~Use() { release_output_block(block); }
+  } use{block};
   char* base = static_cast<char*>(block->memory.get());
   for (size_t i = 0; i < kCount; ++i) {
+    block->users.fetch_add(1, std::memory_order_relaxed);
     c10::DataPtr slice(base + at[i], block, &release_output_block, c10::Device(c10::kCPU));
     // Resizable through the CPU allocator, like a tensor from torch.empty.
     c10::Storage storage(c10::Storage::use_byte_size_t(), bytes[i], std::move(slice), allocator, true);
