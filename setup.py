@@ -72,7 +72,7 @@ class BuildRecordingTorch(BuildExtension):
 def extensions():
     if os.environ.get("BANDADV_SKIP_EXT") == "1":
         return []
-    sources = ["csrc/group_advantages_cpu.cpp"]
+    sources = ["csrc/group_advantages_cpu.cpp", "csrc/python_entry.cpp"]
     include = [os.path.abspath("csrc")]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

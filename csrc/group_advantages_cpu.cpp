@@ -1,9 +1,7 @@
 // CPU kernel of bandadv::group_advantages: parallel over groups, which are staged in tiles
 // and swept with explicit SIMD (SSE2, or AVX2 where the CPU has it) while their moments,
 // reasons and advantages are made. The schema lives in python/bandadv/ops.py; this file
-// registers the CPU implementation and the Python module stub that loads it.
-#include <Python.h>
-
+// registers the CPU implementation (python_entry.cpp is the module that loads it).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -867,12 +865,3 @@ struct CpuBackend {
 TORCH_LIBRARY_IMPL(bandadv, CPU, m) { register_kernels<CpuBackend>(m); }
 
 }  // namespace bandadv
-
-extern "C" {
-// Importing bandadv._C loads this library so that the static initializers
-// above register the kernels; the module itself holds nothing.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}

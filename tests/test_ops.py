@@ -243,3 +243,200 @@ def test_small_outputs_are_independent_tensors(num_groups, return_index):
     for _ in range(20_000):  # 10 MB or more if the blocks leaked
         op(rewards, 8, return_index=return_index)
     assert resident_mb() - before < 5
+
+
+# --- The eager entry, bandadv._C.group_advantages (csrc/python_entry.cpp) ---------------------
+
+entry = bandadv.ops._ENTRY
+needs_entry = pytest.mark.skipif(entry is None, reason="bandadv._C is not loaded")
+
+
+def _config_strategy():
+    from hypothesis import strategies as st
+
+    band = st.one_of(st.none(), st.tuples(st.floats(0, 0.5), st.floats(0.5, 1)))
+    grpo = st.builds(
+        AdvantageConfig, estimator=st.just("grpo"), scale=st.sampled_from(["group", "batch", "none"]),
+        unbiased=st.booleans(), eps=st.sampled_from([0.0, 1e-6, 1e-4, 0.5]), singleton=st.sampled_from(["zero", "raw"]),
+        mask_all_equal=st.booleans(), band=band, band_inclusive=st.booleans(),
+        min_std=st.one_of(st.none(), st.floats(0, 0.5)), accidental_max_successes=st.integers(0, 3),
+        accidental_prior_max=st.floats(0, 1), accidental_action=st.sampled_from(["mask", "clip"]),
+        accidental_clip=st.floats(0, 2), mask_too_few=st.booleans(),
+    )  # fmt: skip
+    others = st.builds(AdvantageConfig, estimator=st.sampled_from(["dr_grpo", "rloo"]), band=band)
+    return st.one_of(grpo, others)
+
+
+def _entry_case(data):
+    """A random call: its op arguments (positional inputs) and config."""
+    from hypothesis import strategies as st
+
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    if data.draw(st.booleans()):
+        group_size, num_groups = data.draw(st.integers(1, 20)), data.draw(st.integers(0, 12))
+        n, offsets = group_size * num_groups, None
+    else:
+        sizes = data.draw(st.lists(st.integers(0, 20), max_size=12))
+        n, group_size, offsets, num_groups = sum(sizes), 0, make_offsets(sizes), len(sizes)
+    rewards = random_rewards(n, data.draw(st.sampled_from(["binary", "ternary", "continuous"])), gen, dtype)
+    success = (torch.rand(n, generator=gen) < 0.5) if data.draw(st.booleans()) else None
+    valid = (torch.rand(n, generator=gen) < 0.8) if data.draw(st.booleans()) else None
+    prior = torch.rand(num_groups, generator=gen) if data.draw(st.booleans()) else None
+    return (rewards, group_size, offsets, success, valid, prior), data.draw(_config_strategy())
+
+
+def _assert_same(outs, expected):
+    assert len(outs) == len(expected)
+    for name, a, b in zip(bandadv.ops.OUTPUT_NAMES, outs, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@needs_entry
+def test_entry_gives_what_torch_ops_gives():
+    # The entry calls the same op through the dispatcher, its options from one tuple
+    # (AdvantageConfig.op_options(), converted once per tuple and cached): every output the same,
+    # bit for bit, for any config (far more than the cache holds, so entries are evicted and
+    # made again), layout, dtype and optional input, in both forms.
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data(), st.booleans())
+    def check(data, return_index):
+        inputs, config = _entry_case(data)
+        expected = op(*inputs, **config.op_kwargs(), return_index=return_index)
+        _assert_same(entry(*inputs, config.op_options(), return_index, None), expected)
+        buffers = tuple(torch.full_like(t, 7) for t in expected)
+        assert entry(*inputs, config.op_options(), return_index, buffers) is None
+        _assert_same(buffers, expected)
+
+    check()
+
+
+@needs_entry
+def test_entry_errors_are_the_ops():
+    rewards = torch.rand(12)
+    options = AdvantageConfig().op_options()
+    for args, error, message in [
+        ((rewards, 5, None, None, None, None), ValueError, "not divisible by group_size=5"),
+        ((rewards, 0, torch.tensor([0, 5, 11]), None, None, None), ValueError, "offsets must end at N = 12"),
+        ((rewards, 4, None, torch.rand(3), None, None), ValueError, "success must have shape"),
+        ((rewards, 4, None, None, torch.ones(12), None), ValueError, "valid must be a bool tensor"),
+        ((rewards.view(3, 4), 4, None, None, None, None), ValueError, "rewards must be 1-D"),
+    ]:
+        with pytest.raises(error, match=message):
+            entry(*args, options, False, None)
+        with pytest.raises(error, match=message):
+            op(*args)
+    with pytest.raises(TypeError, match="takes 8 or 9 arguments"):
+        entry(rewards, 4)
+    with pytest.raises(ValueError, match="has 14 options, got 2"):
+        entry(rewards, 4, None, None, None, None, ("grpo", "group"), False, None)
+    with pytest.raises(TypeError, match="option unbiased must be a bool"):
+        entry(rewards, 4, None, None, None, None, ("grpo", "group", 1, *options[3:]), False, None)
+    with pytest.raises(ValueError, match="estimator must be 'grpo', 'dr_grpo' or 'rloo', got 'ppo'"):
+        entry(rewards, 4, None, None, None, None, ("ppo", *options[1:]), False, None)
+    with pytest.raises(ValueError, match=r"out group_mask must be a contiguous torch\.bool"):
+        outs = op(rewards, 4)
+        entry(rewards, 4, None, None, None, None, options, False, (*outs[:3], outs[3].int(), *outs[4:]))
+
+
+@needs_entry
+def test_public_call_goes_through_the_dispatcher():
+    # Dispatch modes and the profiler see the op, as when it is called through torch.ops.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    rewards = torch.rand(32)
+    with Seen():
+        out = bandadv.group_advantages(rewards, 8)
+        bandadv.group_advantages(rewards, 8, out=out)
+    assert [f for f in seen if f.namespace == "bandadv"] == [op, torch.ops.bandadv.group_advantages.out]
+    with torch.profiler.profile() as prof:
+        bandadv.group_advantages(rewards, 8)
+    assert "bandadv::group_advantages" in [e.name for e in prof.events()]
+
+
+@needs_entry
+def test_public_call_honours_torch_function():
+    # A tensor subclass's __torch_function__, in any tensor argument, and a torch function mode
+    # see the op: the entry leaves such calls to torch.ops.
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(4)
+    rewards, success = random_rewards(32, "ternary", gen), torch.rand(32, generator=gen) < 0.5
+    expected = bandadv.group_advantages(rewards, 8, success=success)
+    calls = [
+        lambda: bandadv.group_advantages(rewards.as_subclass(Logged), 8, success=success),
+        lambda: bandadv.group_advantages(rewards, 8, success=success.as_subclass(Logged)),
+        lambda: bandadv.group_advantages(rewards, 8, success=success, out=expected._replace(
+            advantages=torch.empty_like(expected.advantages).as_subclass(Logged))),
+    ]  # fmt: skip
+    for call in calls:
+        seen.clear()
+        out = call()
+        assert op in seen or torch.ops.bandadv.group_advantages.out in seen
+        torch.testing.assert_close(out.advantages.as_subclass(torch.Tensor), expected.advantages)
+    seen.clear()
+    with Mode():
+        out = bandadv.group_advantages(rewards, 8, success=success)
+    assert op in seen
+    torch.testing.assert_close(out.advantages, expected.advantages)
+
+
+@needs_entry
+def test_large_calls_release_the_gil():
+    # As torch.ops does, the entry lets other Python threads run while a large call computes.
+    import sys
+    import threading
+    import time
+
+    rewards = torch.rand(1 << 23)
+    entry(rewards, 16, None, None, None, None, AdvantageConfig().op_options(), False, None)  # warm up
+    stamps, stop = [], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    thread = threading.Thread(target=spin)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the spinning thread has a core of its own
+    try:
+        thread.start()
+        time.sleep(0.01)
+        start = time.perf_counter()
+        entry(rewards, 16, None, None, None, None, AdvantageConfig().op_options(), False, None)
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
+    # Holding the GIL, the call would let the spinner run only around its start and its end.
+    middle = [t for t in stamps if start + 0.25 * (end - start) < t < end - 0.25 * (end - start)]
+    assert end - start > 0.005 and len(middle) > 100

@@ -65,7 +65,10 @@ def group_advantages(
         :class:`GroupAdvantages`. Advantage of a valid sample of a kept group, for grpo:
         ``(r - mean) / (std + eps)`` (DeepSeekMath, arXiv 2402.03300); see AdvantageConfig.
     """
-    cfg = _resolve_config(config, preset, options)
+    # A trainer's usual call (its config, its tensor, contiguous groups) takes the fewest steps.
+    cfg = config if type(config) is AdvantageConfig and not options and preset is None else None
+    if cfg is None:
+        cfg = _resolve_config(config, preset, options)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not isinstance(rewards, torch.Tensor):
@@ -85,9 +88,12 @@ def group_advantages(
         if out is not None:
             raise ValueError("out= needs group_size or offsets: with group_index, results are scattered back")
         return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+    if group_size is not None and (
+        (type(group_size) is not int and (isinstance(group_size, bool) or not isinstance(group_size, int)))
+        or group_size < 1
+    ):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if validate:
+    if validate and (offsets is not None or success is not None or prior is not None):
         _check_values(rewards, group_size, offsets, success, valid, prior, backend)
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
 
@@ -167,7 +173,7 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
             )
             outs = tuple(b.copy_(o) for b, o in zip(buffers, outs, strict=True))
         return _result(outs, return_index)
-    if backend in ("cpu", "cuda"):
+    if backend != "auto" and backend != "triton":  # cpu, cuda
         if rewards.device.type != backend:
             raise ValueError(f"backend={backend!r} needs rewards on {backend}, got {rewards.device}")
         if backend.upper() not in ops.COMPILED:
@@ -194,12 +200,17 @@ def _op_buffers(out: GroupAdvantages, rewards: torch.Tensor, return_index: bool)
 
 
 def _result(outs: tuple[torch.Tensor, ...], return_index: bool) -> GroupAdvantages:
-    """The op's outputs (ops.OUTPUT_NAMES) as a GroupAdvantages."""
+    """The op's outputs (ops.OUTPUT_NAMES) as a GroupAdvantages. Built with tuple.__new__,
+    which is what the named tuples' own __new__ calls, for half their cost (~0.25 us)."""
     advantages, sample_mask, reason, group_mask, count, group_stats, num_kept, kept_index = outs
-    stats = GroupStats(count, group_stats)
-    return GroupAdvantages(
-        advantages, sample_mask, reason, group_mask, stats, num_kept, kept_index if return_index else None
+    stats = _new_tuple(GroupStats, (count, group_stats))
+    return _new_tuple(
+        GroupAdvantages,
+        (advantages, sample_mask, reason, group_mask, stats, num_kept, kept_index if return_index else None),
     )
+
+
+_new_tuple = tuple.__new__
 
 
 def _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate):

@@ -62,9 +62,11 @@ class AdvantageConfig:
     accidental_action: Literal["mask", "clip"] = "mask"
     accidental_clip: float = 1.0
     mask_too_few: bool = True
-    # The options that differ from the op's defaults, as the op takes them (its schema's names and
-    # defaults are OPTION_NAMES and OP_DEFAULTS: bandadv.ops.check_interface): made once here,
-    # since a trainer passes one config every step.
+    # The options as the op takes them (its schema's names and defaults are OPTION_NAMES and
+    # OP_DEFAULTS: bandadv.ops.check_interface), made once here, since a trainer passes one config
+    # every step: all of them in schema order (for bandadv._C.group_advantages, which converts
+    # them once per tuple), and those that differ from the defaults (for calls through torch.ops).
+    _op_options: tuple = field(init=False, repr=False, compare=False)
     _op_changes: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,8 +100,9 @@ class AdvantageConfig:
         if self.accidental_prior_max > 1.0:
             raise ValueError(f"accidental_prior_max must be in [0, 1], got {self.accidental_prior_max}")
         _number_at_least("accidental_clip", self.accidental_clip, 0.0)
-        changes = {name: v for name, v in self.op_kwargs().items() if v != OP_DEFAULTS[name]}
-        object.__setattr__(self, "_op_changes", changes)
+        options = self.op_kwargs()
+        object.__setattr__(self, "_op_options", tuple(options.values()))
+        object.__setattr__(self, "_op_changes", {name: v for name, v in options.items() if v != OP_DEFAULTS[name]})
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> AdvantageConfig:
@@ -119,6 +122,11 @@ class AdvantageConfig:
         if self.band is not None:  # the schema's float[]
             options["band"] = list(self.band)
         return options
+
+    def op_options(self) -> tuple:
+        """Every option argument of the op, in schema order: op_kwargs()'s values (do not modify
+        them: they are the config's own)."""
+        return self._op_options
 
     def op_changes(self) -> dict[str, Any]:
         """The option arguments that differ from the op's defaults, by name: all a call needs to

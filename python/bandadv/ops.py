@@ -24,8 +24,10 @@ from .types import STAT_NAMES, GroupAdvantages
 # (csrc/op_entry.h); the fake, the reference op and the Triton op bind theirs by name through
 # bind(), which fills in the defaults. The options are keyword-only, with AdvantageConfig's
 # defaults (check_interface holds their names, order and defaults to AdvantageConfig at import),
-# so a call passes only the options it changes: each argument passed from Python costs the op
-# call about a microsecond's tenth (torch checks it for __torch_function__ and converts it).
+# so a call through torch.ops passes only the options it changes: each argument passed from
+# Python costs such a call about a microsecond's tenth (torch checks it for __torch_function__
+# and converts it). Eager calls from the public function go through bandadv._C's entry instead
+# (_ENTRY below), which takes the options as one tuple in this order.
 GROUP_ADVANTAGES_SCHEMA = (
     "group_advantages(Tensor rewards, int group_size=0, Tensor? offsets=None, Tensor? success=None, "
     'Tensor? valid=None, Tensor? prior=None, *, str estimator="grpo", str scale="group", bool unbiased=True, '
@@ -134,6 +136,13 @@ def _load_extension() -> str | None:
 TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
 EXTENSION_ERROR: str | None = _load_extension()
+# The eager entry of the compiled extension (csrc/python_entry.cpp): the op through the
+# dispatcher, with the options as one tuple (AdvantageConfig.op_options()) instead of torch.ops'
+# per-argument handling; it returns NotImplemented where torch.ops must take the call
+# (__torch_function__ of a tensor subclass or a mode).
+_ENTRY = None
+if EXTENSION_ERROR is None:
+    from ._C import group_advantages as _ENTRY
 if EXTENSION_ERROR is not None:  # the package still works, on the reference (and Triton for CUDA tensors)
     warnings.warn(
         f"bandadv: compiled kernels not available ({EXTENSION_ERROR}); using the float64 torch reference"
@@ -394,14 +403,21 @@ def group_advantages_op(
     triton: bool = False,
     out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Calls the op with a config's options: torch.ops.bandadv.group_advantages (the compiled
-    kernel of the tensor's device), or with triton=True the Triton kernel,
+    """Calls the op with a config's options: bandadv.group_advantages (the compiled kernel of
+    the tensor's device), through bandadv._C's entry in eager mode where it takes the call and
+    through torch.ops otherwise, or with triton=True the Triton kernel,
     torch.ops.bandadv.group_advantages_triton on CUDA tensors and the kernel itself under the CPU
     interpreter (triton_op rejects interpreted kernels). With `out` (the outputs of an earlier
     call with the same shapes, in OUTPUT_NAMES order) the results are written there; the Triton
     kernel is then called directly."""
-    # Only what differs from the schema's defaults is passed: each argument costs the call.
-    kwargs = (config if config is not None else _DEFAULT_CONFIG).op_changes()
+    config = config if config is not None else _DEFAULT_CONFIG
+    if not triton and _ENTRY is not None and not torch.compiler.is_compiling():
+        outs = _ENTRY(rewards, group_size, offsets, success, valid, prior, config.op_options(), return_index, out)
+        if outs is not NotImplemented:
+            return out if out is not None else outs
+    # Through torch.ops, only what differs from the schema's defaults is passed: each argument
+    # costs the call.
+    kwargs = config.op_changes()
     if offsets is not None or success is not None or valid is not None or prior is not None or return_index:
         kwargs = {**kwargs, **_given_tensors(offsets, success, valid, prior)}
         if return_index:
