@@ -131,6 +131,31 @@ struct Simd {
 #endif
     for (int i = 0; i < kWidth; ++i) p[i] = m[i] != 0;
   }
+  // kWidth bytes of `value` (0 or 1): the mask of kWidth samples that are all valid.
+  template <bool kStream = false>
+  static C10_ALWAYS_INLINE void store_flags(bool* p, bool value) {
+    if constexpr (kWidth == 8) {
+      const int64_t bytes = value ? 0x0101010101010101LL : 0;
+#if defined(__SSE2__) && defined(__x86_64__)
+      if constexpr (kStream) {
+        _mm_stream_si64(reinterpret_cast<long long*>(p), bytes);
+        return;
+      }
+#endif
+      __builtin_memcpy(p, &bytes, sizeof bytes);
+    } else if constexpr (kWidth == 4) {
+      const int32_t bytes = value ? 0x01010101 : 0;
+#if defined(__SSE2__) && defined(__x86_64__)
+      if constexpr (kStream) {
+        _mm_stream_si32(reinterpret_cast<int*>(p), bytes);
+        return;
+      }
+#endif
+      __builtin_memcpy(p, &bytes, sizeof bytes);
+    } else {
+      for (int i = 0; i < kWidth; ++i) p[i] = value;
+    }
+  }
   // True when no lane of m is set.
   static C10_ALWAYS_INLINE bool none(M m) {
 #if defined(__SSE2__) && defined(__x86_64__)
@@ -387,6 +412,17 @@ struct CpuGroupKernel {
     }
   }
 
+  // The same, with every one of the kW samples valid: their mask is their group's kept flag.
+  static C10_ALWAYS_INLINE void put(acc_t* adv, bool* mask, V a, bool kept, bool nt) {
+    if (nt) {
+      S::stream(adv, a);
+      S::template store_flags<true>(mask, kept);
+    } else {
+      S::store(adv, a);
+      S::store_flags(mask, kept);
+    }
+  }
+
   // Advantages and mask of samples [lo, lo + size) of a kept group, staged at `at`. The vector
   // body computes sample_advantage (group_math.h) in the same operation order.
   C10_ALWAYS_INLINE void write_chunk(int64_t lo, int64_t size, const Stage<acc_t>& st, int64_t at,
@@ -616,17 +652,22 @@ struct CpuGroupKernel {
 
   // Groups first, ..., first + t - 1 of one size G that is whole vectors (`uniform`; not
   // scale="batch"); returns their kept samples. Their samples lie back to back and need no
-  // padding, so each sweep runs over the tile with no per-group staging, tests or calls: 220
-  // instructions per group of 16 against the general tile's 372 (callgrind, AVX2, one call on
-  // 65,536 groups). Every sum is made as load and centred_sums make it, lane by lane in the same
-  // order and then S::sum, so the results are bit for bit the general path's (a test holds them
-  // to it). kVectors is G / kW where a common G makes it known at compile time (its loops then
-  // unroll; see run_groups), else 0.
+  // padding, so each sweep runs over the tile with no per-group staging, tests or calls. Every
+  // sum is made as load and centred_sums make it, lane by lane in the same order and then S::sum,
+  // so the results are bit for bit the general path's (a test holds them to it).
+  //
+  // A tile whose samples are all valid (every reward and success finite, no valid flag unset:
+  // the common case) is "clean": its later sweeps read the rewards where they lie, with no flags,
+  // and its masks are its groups' kept flags. The first sweep finds out, and only a tile that is
+  // not clean is then staged with its flags (stage_flags). Multiplying by a flag of 1 and masking
+  // with all-true lanes change no bit, so both kinds of tile give the same results.
+  //
+  // kVectors is G / kW where a common G makes it known at compile time (its loops then unroll;
+  // see run_groups), else 0.
   template <int kVectors>
   int64_t uniform_tile(int64_t first, int64_t t, const GroupRules<acc_t, int32_t>& rules, Tile& tile,
                        Stage<acc_t>& st, int64_t* kept) const {
     constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
     const int64_t size = kVectors > 0 ? kVectors * kW : group_size, vectors = size / kW;
     const int64_t base = first * size, count = t * size;
     {  // fetch the next tile ahead of its sweep (see run_groups)
@@ -644,60 +685,132 @@ struct CpuGroupKernel {
         st.reward[j] = kHasValid ? (valid[base + j] ? r : nan) : r;
       }
     }
-    // The first sweep (load): valid samples, their count, sum and successes, per lane.
+    // The first sweep (load): the valid samples' sum and successes, per lane, and whether every
+    // sample of the tile is valid.
     const V one = S::splat(1), half = S::splat(0.5);
+    M all_valid = S::splat_lanes(-1);
     for (int64_t i = 0; i < t; ++i) {
-      V n = {}, sum = {}, k = {};
-      acc_t first_valid = 0;  // the first valid reward, which the others are compared with
+      V sum = {}, k = {};
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t j = (i * vectors + v) * kW;
+        const V r = S::load(staged + j);
+        const M ok = sample_valid(r, j, base);
+        sum += S::keep(ok, r);
+        k += S::keep(ok, success_of(r, j, base));
+        all_valid &= ok;
+      }
+      tile.lanes[1][i] = sum;
+      tile.lanes[2][i] = k;
+    }
+    lane_sums(tile.lanes[1], t, tile.sum);
+    lane_sums(tile.lanes[2], t, tile.successes);
+    const bool clean = S::none(~all_valid);
+    if (clean) {  // every group counts G samples, and its first valid reward is its first
+      for (int64_t i = 0; i < t; ++i) {
+        tile.n[i] = static_cast<int32_t>(size);
+        tile.lo[i] = staged[i * size];
+      }
+    } else {
+      stage_flags(staged, base, t, vectors, tile, st);
+    }
+    for (int64_t i = 0; i < t; ++i) tile.prior[i] = prior ? prior[first + i] : acc_t(0);
+    tile_shifts(tile, t);
+    if (clean) {
+      centred_tile<true>(staged, t, vectors, tile, st);
+    } else {
+      centred_tile<false>(st.reward, t, vectors, tile, st);
+    }
+    tile_moments(tile, t);
+    finish_tile(first, t, rules, tile);
+    if (clean) {
+      write_tile<true>(staged, base, t, vectors, rules, tile, st);
+    } else {
+      write_tile<false>(st.reward, base, t, vectors, rules, tile, st);
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t k = tile.kept[i] ? tile.n[i] : 0;
+      if (kept) kept[first + i] = k;
+      total += k;
+    }
+    return total;
+  }
+
+  // Lanes of valid samples among rewards r, samples j.. of the tile at `base` (sample_is_valid in
+  // group_math.h: reward, and success where given, finite), and their success values.
+  C10_ALWAYS_INLINE M sample_valid(V r, int64_t j, int64_t base) const {
+    M ok = (r - r) == V{};
+    if constexpr (kHasSuccess) {
+      const V s = S::load(success + base + j);
+      ok &= (s - s) == V{};
+    }
+    return ok;
+  }
+  C10_ALWAYS_INLINE V success_of(V r, int64_t j, int64_t base) const {
+    if constexpr (kHasSuccess) {
+      return S::load(success + base + j);
+    } else {
+      return S::keep(r > S::splat(0.5), S::splat(1));  // default_success
+    }
+  }
+
+  // A tile that is not clean: its rewards staged with the invalid ones zeroed, the flags (1 or
+  // 0) beside them, each group's count of valid samples (summed per lane as load sums it) and
+  // its first valid reward.
+  void stage_flags(const acc_t* staged, int64_t base, int64_t t, int64_t vectors, Tile& tile, Stage<acc_t>& st) const {
+    const V one = S::splat(1);
+    for (int64_t i = 0; i < t; ++i) {
+      V n = {};
+      acc_t first_valid = 0;
       bool found = false;
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
         const V r = S::load(staged + j);
-        M ok = (r - r) == V{};
-        V s;
-        if constexpr (kHasSuccess) {
-          s = S::load(success + base + j);
-          ok &= (s - s) == V{};
-        } else {
-          s = S::keep(r > half, one);
-        }
-        const V rv = S::keep(ok, r), w = S::keep(ok, one);
-        S::store(st.reward + j, rv);
-        S::store(st.ok + j, w);
-        n += w;
-        sum += rv;
-        k += S::keep(ok, s);
+        const M ok = sample_valid(r, j, base);
+        const V w = S::keep(ok, one);
         if (!found) {
           if (const int valid_lanes = S::bits(ok)) {
             first_valid = staged[j + __builtin_ctz(valid_lanes)];
             found = true;
           }
         }
+        S::store(st.reward + j, S::keep(ok, r));
+        S::store(st.ok + j, w);
+        n += w;
       }
-      tile.lo[i] = first_valid;
       tile.lanes[0][i] = n;
-      tile.lanes[1][i] = sum;
-      tile.lanes[2][i] = k;
+      tile.lo[i] = first_valid;
     }
     lane_sums(tile.lanes[0], t, tile.count);
-    lane_sums(tile.lanes[1], t, tile.sum);
-    lane_sums(tile.lanes[2], t, tile.successes);
     for (int64_t i = 0; i < t; ++i) tile.n[i] = static_cast<int32_t>(tile.count[i]);
-    for (int64_t i = 0; i < t; ++i) tile.prior[i] = prior ? prior[first + i] : acc_t(0);
-    // The second sweep (centred_sums), which also tests whether every valid reward equals the
-    // first: the group's range as load keeps it.
-    tile_shifts(tile, t);
+  }
+
+  // The second sweep (centred_sums) of a tile's groups, rewards `reward` (flags in st.ok unless
+  // kClean), which also tests whether every valid reward equals the first: the group's range as
+  // load keeps it.
+  template <bool kClean>
+  C10_ALWAYS_INLINE void centred_tile(const acc_t* reward, int64_t t, int64_t vectors, Tile& tile,
+                                      const Stage<acc_t>& st) const {
+    constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
     for (int64_t i = 0; i < t; ++i) {
       const V vshift = S::splat(tile.shift[i]), vfirst = S::splat(tile.lo[i]);
       V d = {}, d2 = {};
       M differ = {};
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
-        const V rv = S::load(st.reward + j), w = S::load(st.ok + j);
-        const V x = (rv - vshift) * w;
-        d += x;
-        d2 += x * x;
-        differ |= (w > V{}) & (rv != vfirst);
+        const V rv = S::load(reward + j);
+        if constexpr (kClean) {
+          const V x = rv - vshift;  // (rv - shift) * 1
+          d += x;
+          d2 += x * x;
+          differ |= rv != vfirst;
+        } else {
+          const V w = S::load(st.ok + j);
+          const V x = (rv - vshift) * w;
+          d += x;
+          d2 += x * x;
+          differ |= (w > V{}) & (rv != vfirst);
+        }
       }
       tile.lanes[0][i] = d;
       tile.lanes[1][i] = d2;
@@ -707,10 +820,14 @@ struct CpuGroupKernel {
     }
     lane_sums(tile.lanes[0], t, tile.sum_d);
     lane_sums(tile.lanes[1], t, tile.sum_d2);
-    tile_moments(tile, t);
-    finish_tile(first, t, rules, tile);
-    // Advantages and masks (write_chunk's formula; an unkept group has factor 0, so its
-    // advantages are 0, and its mask is cleared).
+  }
+
+  // Advantages and masks of a tile's groups (write_chunk's formula; an unkept group has factor
+  // 0, so its advantages are 0, and its mask is cleared). In a clean tile every sample is valid,
+  // so a group's mask is its kept flag.
+  template <bool kClean>
+  C10_ALWAYS_INLINE void write_tile(const acc_t* reward, int64_t base, int64_t t, int64_t vectors,
+                                    const GroupRules<acc_t, int32_t>& rules, Tile& tile, const Stage<acc_t>& st) const {
     using lane_int = typename S::lane_int;
     int32_t clipping = 0;
     for (int64_t i = 0; i < t; ++i) {  // as write_chunk: a zero factor or denominator gives 0
@@ -727,21 +844,19 @@ struct CpuGroupKernel {
       const V center = S::splat(tile.center[i]), factor = S::splat(tile.factor[i]), denom = S::splat(tile.denom[i]);
       const M alive = S::splat_lanes(tile.alive_lanes[i]), in_group = S::splat_lanes(tile.kept_lanes[i]);
       const M clipped = S::splat_lanes(tile.clip_lanes[i]);
+      const bool group_kept = tile.kept[i] != 0;
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
-        const M ok = S::load(st.ok + j) > V{};
-        V a = (S::load(st.reward + j) - center) * factor / denom;
+        V a = (S::load(reward + j) - center) * factor / denom;
         if (clipping) a = S::select((a > clip) & clipped, clip, a);
-        put(advantages + base + j, sample_mask + base + j, S::keep(ok & alive, a), ok & in_group, nt);
+        if constexpr (kClean) {
+          put(advantages + base + j, sample_mask + base + j, S::keep(alive, a), group_kept, nt);
+        } else {
+          const M ok = S::load(st.ok + j) > V{};
+          put(advantages + base + j, sample_mask + base + j, S::keep(ok & alive, a), ok & in_group, nt);
+        }
       }
     }
-    int64_t total = 0;
-    for (int64_t i = 0; i < t; ++i) {
-      const int64_t k = tile.kept[i] ? tile.n[i] : 0;
-      if (kept) kept[first + i] = k;
-      total += k;
-    }
-    return total;
   }
 
   // One parallel task: the moments of groups [lo, hi) into moments_out (the first pass of

@@ -167,6 +167,10 @@ inline Outputs allocate_outputs(const Inputs& in) {
   } use{block};
   char* base = static_cast<char*>(block->memory.get());
   for (size_t i = 0; i < kCount; ++i) {
+    if (bytes[i] == 0) {  // no memory, as torch.empty(0) has: a slice would share its address with the next
+      *slots[i] = at::detail::empty_cpu(specs[i].sizes, in.rewards.options().dtype(specs[i].dtype));
+      continue;
+    }
     block->users.fetch_add(1, std::memory_order_relaxed);
     c10::DataPtr slice(base + at[i], block, &release_output_block, c10::Device(c10::kCPU));
     // Resizable through the CPU allocator, like a tensor from torch.empty.

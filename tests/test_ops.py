@@ -245,6 +245,20 @@ def test_small_outputs_are_independent_tensors(num_groups, return_index):
     assert resident_mb() - before < 5
 
 
+
+@pytest.mark.parametrize("num_groups, return_index", [(0, True), (0, False), (1, False), (3, True)])
+def test_outputs_save_and_load(tmp_path, num_groups, return_index):
+    # torch.save refuses two storages at one address with different dtypes: empty outputs (no
+    # groups; kept_index without return_index) must not share an address with another output.
+    rewards = torch.rand(8 * num_groups, generator=torch.Generator().manual_seed(5))
+    outs = op(rewards, 8, return_index=return_index)
+    torch.save(outs, tmp_path / "outs.pt")
+    for a, b in zip(torch.load(tmp_path / "outs.pt"), outs, strict=True):
+        assert torch.equal(a, b)
+    result = bandadv.group_advantages(rewards, 8, return_index=return_index)
+    torch.save(result, tmp_path / "result.pt")
+    assert torch.equal(torch.load(tmp_path / "result.pt", weights_only=False).advantages, result.advantages)
+
 # --- The eager entry, bandadv._C.group_advantages (csrc/python_entry.cpp) ---------------------
 
 entry = bandadv.ops._ENTRY
