@@ -685,26 +685,30 @@ struct CpuGroupKernel {
         st.reward[j] = kHasValid ? (valid[base + j] ? r : nan) : r;
       }
     }
-    // The first sweep (load): the valid samples' sum and successes, per lane, and whether every
-    // sample of the tile is valid.
-    const V one = S::splat(1), half = S::splat(0.5);
-    M all_valid = S::splat_lanes(-1);
+    // The first sweep (load), as if every sample were valid: per lane, the sum of the rewards and
+    // of the successes. Had a sample a reward (or success) that is not finite, its group's sum is
+    // not finite either (no IEEE sum with an infinite or NaN term is), and the tile is then swept
+    // again with its flags (stage_flags), which sums the valid samples only. A clean tile whose
+    // sums overflow goes that way too, and gets the same results there.
     for (int64_t i = 0; i < t; ++i) {
       V sum = {}, k = {};
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
         const V r = S::load(staged + j);
-        const M ok = sample_valid(r, j, base);
-        sum += S::keep(ok, r);
-        k += S::keep(ok, success_of(r, j, base));
-        all_valid &= ok;
+        sum += r;
+        k += success_of(r, j, base);
       }
       tile.lanes[1][i] = sum;
       tile.lanes[2][i] = k;
     }
     lane_sums(tile.lanes[1], t, tile.sum);
     lane_sums(tile.lanes[2], t, tile.successes);
-    const bool clean = S::none(~all_valid);
+    int32_t unclean = 0;
+    for (int64_t i = 0; i < t; ++i) {
+      unclean |= int32_t(!(tile.sum[i] - tile.sum[i] == acc_t(0)));
+      if constexpr (kHasSuccess) unclean |= int32_t(!(tile.successes[i] - tile.successes[i] == acc_t(0)));
+    }
+    const bool clean = !unclean;
     if (clean) {  // every group counts G samples, and its first valid reward is its first
       for (int64_t i = 0; i < t; ++i) {
         tile.n[i] = static_cast<int32_t>(size);
@@ -755,12 +759,12 @@ struct CpuGroupKernel {
   }
 
   // A tile that is not clean: its rewards staged with the invalid ones zeroed, the flags (1 or
-  // 0) beside them, each group's count of valid samples (summed per lane as load sums it) and
-  // its first valid reward.
+  // 0) beside them, and each group's count, sum and successes of valid samples (summed per lane
+  // as load sums them) and its first valid reward.
   void stage_flags(const acc_t* staged, int64_t base, int64_t t, int64_t vectors, Tile& tile, Stage<acc_t>& st) const {
     const V one = S::splat(1);
     for (int64_t i = 0; i < t; ++i) {
-      V n = {};
+      V n = {}, sum = {}, k = {};
       acc_t first_valid = 0;
       bool found = false;
       for (int64_t v = 0; v < vectors; ++v) {
@@ -774,14 +778,21 @@ struct CpuGroupKernel {
             found = true;
           }
         }
-        S::store(st.reward + j, S::keep(ok, r));
+        const V rv = S::keep(ok, r);
+        S::store(st.reward + j, rv);
         S::store(st.ok + j, w);
         n += w;
+        sum += rv;
+        k += S::keep(ok, success_of(r, j, base));
       }
       tile.lanes[0][i] = n;
+      tile.lanes[1][i] = sum;
+      tile.lanes[2][i] = k;
       tile.lo[i] = first_valid;
     }
     lane_sums(tile.lanes[0], t, tile.count);
+    lane_sums(tile.lanes[1], t, tile.sum);
+    lane_sums(tile.lanes[2], t, tile.successes);
     for (int64_t i = 0; i < t; ++i) tile.n[i] = static_cast<int32_t>(tile.count[i]);
   }
 

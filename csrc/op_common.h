@@ -127,7 +127,7 @@ inline std::array<Tensor*, kOutputNames.size()> output_slots(Outputs& out) {
 // slice of the block; the block is freed with the last of them. Allocating eight buffers was a
 // fifth of the instructions of a call on one group of 8 (callgrind: 12.6k of 65k). Only for
 // blocks this small, so that an output kept for long keeps little else alive.
-constexpr size_t kSharedBlockBytes = 4096;
+constexpr size_t kSharedBlockBytes = 65536;
 constexpr size_t kOutputAlignment = 64;  // as the CPU allocator aligns each buffer
 
 struct OutputBlock {

@@ -189,6 +189,51 @@ def test_cpu_fixed_groups_are_bit_for_bit_the_same_groups_as_offsets(case):
             assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), name  # bits
 
 
+@pytest.mark.skipif("CPU" not in bandadv.ops.COMPILED, reason="the CPU kernel was not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group_size", [8, 16, 24])
+def test_cpu_clean_and_flagged_tiles_are_the_same_bits(group_size, dtype):
+    # A tile of groups whose samples are all valid takes a shorter path in the CPU kernel than a
+    # tile with one invalid sample (or whose sums overflow): the groups they share must come out
+    # the same, bit for bit.
+    gen = torch.Generator().manual_seed(group_size)
+    n = 200 * group_size  # tiles of up to 64 groups: the NaN below leaves the later tiles clean
+    rewards = random_rewards(n, "continuous", gen, dtype)
+    success = torch.rand(n, generator=gen)
+    config = AdvantageConfig(band=(0.05, 0.95), accidental_max_successes=1)
+    flagged_rewards, flagged_success = rewards.clone(), success.clone()
+    flagged_rewards[3] = float("nan")  # group 0: its tile now stages flags
+    flagged_success[group_size * 70 + 1] = float("nan")  # a group of the second tile
+    for kwargs, flagged in [
+        (dict(), dict(rewards=flagged_rewards)),
+        (dict(success=success), dict(rewards=rewards, success=flagged_success)),
+        (dict(valid=torch.ones(n, dtype=torch.bool)), dict(rewards=rewards, valid=torch.arange(n) != 5)),
+    ]:
+        clean = bandadv.group_advantages(rewards, group_size, config=config, backend="cpu", **kwargs)
+        other = bandadv.group_advantages(group_size=group_size, config=config, backend="cpu", **{**kwargs, **flagged})
+        # every group but the two that differ
+        same = torch.ones(200, dtype=torch.bool)
+        same[[0, 70]] = False
+        per_sample = same.repeat_interleave(group_size)
+        for a, b, keep in [
+            (clean.advantages, other.advantages, per_sample),
+            (clean.sample_mask, other.sample_mask, per_sample),
+            (clean.reason, other.reason, same),
+            (clean.stats.values, other.stats.values, same),
+        ]:
+            assert torch.equal(a[..., keep].contiguous().view(torch.uint8), b[..., keep].contiguous().view(torch.uint8))
+    # Sums that overflow: the group's tile goes the flagged way, with the results of the general path.
+    big = rewards.clone()
+    big[group_size * 9 : group_size * 10] = torch.finfo(dtype).max / 2
+    big[group_size * 9] = -torch.finfo(dtype).max / 3
+    fixed = bandadv.group_advantages(big, group_size, config=config, backend="cpu")
+    offsets = torch.arange(0, n + 1, group_size)
+    ragged = bandadv.group_advantages(big, offsets=offsets, config=config, backend="cpu")
+    for a, b in [(fixed.advantages, ragged.advantages), (fixed.stats.values, ragged.stats.values)]:
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    assert not torch.isfinite(fixed.stats.mean[9])  # the sum did overflow
+
+
 def test_low_std_ties_classify_alike_on_every_backend(backend):
     # One hit in ten has population std exactly 0.3; float32 backends land on either side of it,
     # so min_std is compared with a small relative slack everywhere (found by hypothesis).

@@ -261,7 +261,7 @@ def test_outputs_save_and_load(tmp_path, num_groups, return_index):
 
 # --- The eager entry, bandadv._C.group_advantages (csrc/python_entry.cpp) ---------------------
 
-entry = bandadv.ops._ENTRY
+entry = bandadv.ops.ENTRY
 needs_entry = pytest.mark.skipif(entry is None, reason="bandadv._C is not loaded")
 
 

@@ -65,37 +65,41 @@ def group_advantages(
         :class:`GroupAdvantages`. Advantage of a valid sample of a kept group, for grpo:
         ``(r - mean) / (std + eps)`` (DeepSeekMath, arXiv 2402.03300); see AdvantageConfig.
     """
-    # A trainer's usual call (its config, its tensor, contiguous groups) takes the fewest steps.
+    # The checks are ordered so that a trainer's usual call (its config, a tensor, group_size)
+    # passes them in few steps: at 512 x 16 the whole call is ~10 us, and the op alone ~8.6.
     cfg = config if type(config) is AdvantageConfig and not options and preset is None else None
     if cfg is None:
         cfg = _resolve_config(config, preset, options)
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if not isinstance(rewards, torch.Tensor):
+    if type(rewards) is not torch.Tensor and not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() == 2:
         rewards, group_size, success, valid = _flatten_2d(rewards, group_size, success, valid)
-    if (group_size is not None) + (offsets is not None) + (group_index is not None) != 1:
-        given = [
-            n
-            for n, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index))
-            if v is not None
-        ]
-        raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {given or 'none'}")
     if out is not None and not isinstance(out, GroupAdvantages):
         raise TypeError(f"out must be a GroupAdvantages (the result of an earlier call), got {type(out).__name__}")
-    if group_index is not None:
-        if out is not None:
-            raise ValueError("out= needs group_size or offsets: with group_index, results are scattered back")
-        return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
-    if group_size is not None and (
-        (type(group_size) is not int and (isinstance(group_size, bool) or not isinstance(group_size, int)))
-        or group_size < 1
-    ):
+    if offsets is not None or group_index is not None or group_size is None:
+        _check_layout(group_size, offsets, group_index)
+        if group_index is not None:
+            if out is not None:
+                raise ValueError("out= needs group_size or offsets: with group_index, results are scattered back")
+            return _by_group_index(rewards, group_index, success, valid, prior, cfg, backend, return_index, validate)
+    elif type(group_size) is not int and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    elif group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if validate and (offsets is not None or success is not None or prior is not None):
         _check_values(rewards, group_size, offsets, success, valid, prior, backend)
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
+
+
+def _check_layout(group_size, offsets, group_index) -> None:
+    """Exactly one group layout is given (group_size when given alone is checked by the caller)."""
+    given = [
+        n for n, v in (("group_size", group_size), ("offsets", offsets), ("group_index", group_index)) if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one group layout (group_size, offsets or group_index), got {given or 'none'}")
 
 
 def _resolve_config(config: AdvantageConfig | None, preset: str | None, options: dict[str, Any]) -> AdvantageConfig:
@@ -158,22 +162,13 @@ def _check_values(rewards, group_size, offsets, success, valid, prior, backend) 
 def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index, out=None) -> GroupAdvantages:
     """One op call on the backend asked for, and its result."""
     buffers = _op_buffers(out, rewards, return_index) if out is not None else None
-    if backend == "torch":
-        ops.check_inputs(rewards, group_size, offsets, success, valid, prior)
-        if offsets is not None:
-            ops.check_offsets(offsets, rewards.shape[0])
-        ref = reference_group_advantages(
-            rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
-            config=cfg, return_index=return_index,
-        )  # fmt: skip
-        outs = ops.op_outputs(ref, rewards)
-        if buffers is not None:
-            ops.check_out(
-                buffers, dict(rewards=rewards, group_size=group_size, offsets=offsets, return_index=return_index)
-            )
-            outs = tuple(b.copy_(o) for b, o in zip(buffers, outs, strict=True))
-        return _result(outs, return_index)
-    if backend != "auto" and backend != "triton":  # cpu, cuda
+    if backend == "auto":
+        use_triton = rewards.is_cuda and ops.TRITON_FOR_CUDA
+    elif backend == "torch":
+        return _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers)
+    elif backend == "triton":
+        use_triton = True
+    else:  # cpu, cuda
         if rewards.device.type != backend:
             raise ValueError(f"backend={backend!r} needs rewards on {backend}, got {rewards.device}")
         if backend.upper() not in ops.COMPILED:
@@ -181,10 +176,34 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
                 f"backend={backend!r}: bandadv was built without its {backend.upper()} kernel"
                 + (f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else "")
             )
-    use_triton = backend == "triton" or (backend == "auto" and rewards.is_cuda and ops.TRITON_FOR_CUDA)
+        use_triton = False
+    if not use_triton and ops.ENTRY is not None and not _is_compiling():
+        # bandadv._C's entry: the op through the dispatcher (see ops.ENTRY)
+        outs = ops.ENTRY(rewards, group_size, offsets, success, valid, prior, cfg._op_options, return_index, buffers)
+        if outs is not NotImplemented:
+            return _result(outs if buffers is None else buffers, return_index)
     outs = ops.group_advantages_op(
         rewards, group_size, offsets, success, valid, prior, cfg, return_index, triton=use_triton, out=buffers
     )  # fmt: skip
+    return _result(outs, return_index)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers) -> GroupAdvantages:
+    """backend="torch": the float64 reference, with the kernels' checks."""
+    ops.check_inputs(rewards, group_size, offsets, success, valid, prior)
+    if offsets is not None:
+        ops.check_offsets(offsets, rewards.shape[0])
+    ref = reference_group_advantages(
+        rewards, group_size=group_size or None, offsets=offsets, success=success, valid=valid, prior=prior,
+        config=cfg, return_index=return_index,
+    )  # fmt: skip
+    outs = ops.op_outputs(ref, rewards)
+    if buffers is not None:
+        ops.check_out(buffers, dict(rewards=rewards, group_size=group_size, offsets=offsets, return_index=return_index))
+        outs = tuple(b.copy_(o) for b, o in zip(buffers, outs, strict=True))
     return _result(outs, return_index)
 
 
@@ -192,7 +211,7 @@ def _op_buffers(out: GroupAdvantages, rewards: torch.Tensor, return_index: bool)
     """An earlier result's tensors as the op's outputs, to be written in place."""
     if (out.kept_index is not None) != return_index:
         raise ValueError(f"out comes from a call with return_index={not return_index}, this one has {return_index}")
-    kept_index = out.kept_index if return_index else rewards.new_empty(0, dtype=torch.int64)
+    kept_index = out.kept_index if return_index else ops.empty_index(rewards.device)
     return (
         out.advantages, out.sample_mask, out.reason, out.group_mask, out.stats.count, out.stats.values,
         out.num_kept, kept_index,

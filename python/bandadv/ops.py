@@ -27,7 +27,7 @@ from .types import STAT_NAMES, GroupAdvantages
 # so a call through torch.ops passes only the options it changes: each argument passed from
 # Python costs such a call about a microsecond's tenth (torch checks it for __torch_function__
 # and converts it). Eager calls from the public function go through bandadv._C's entry instead
-# (_ENTRY below), which takes the options as one tuple in this order.
+# (ENTRY below), which takes the options as one tuple in this order.
 GROUP_ADVANTAGES_SCHEMA = (
     "group_advantages(Tensor rewards, int group_size=0, Tensor? offsets=None, Tensor? success=None, "
     'Tensor? valid=None, Tensor? prior=None, *, str estimator="grpo", str scale="group", bool unbiased=True, '
@@ -138,11 +138,14 @@ TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 EXTENSION_ERROR: str | None = _load_extension()
 # The eager entry of the compiled extension (csrc/python_entry.cpp): the op through the
 # dispatcher, with the options as one tuple (AdvantageConfig.op_options()) instead of torch.ops'
-# per-argument handling; it returns NotImplemented where torch.ops must take the call
-# (__torch_function__ of a tensor subclass or a mode).
-_ENTRY = None
+# per-argument handling, and the out= overload's outputs as a tuple after them; it returns
+# NotImplemented where torch.ops must take the call (__torch_function__ of a tensor subclass or
+# a mode). The public function calls it in eager mode, and group_advantages_op otherwise.
+ENTRY = None
 if EXTENSION_ERROR is None:
-    from ._C import group_advantages as _ENTRY
+    from . import _C
+
+    ENTRY = _C.group_advantages
 if EXTENSION_ERROR is not None:  # the package still works, on the reference (and Triton for CUDA tensors)
     warnings.warn(
         f"bandadv: compiled kernels not available ({EXTENSION_ERROR}); using the float64 torch reference"
@@ -383,6 +386,18 @@ if TRITON_AVAILABLE and not triton_interpreting() and torch.cuda.is_available():
         )
 
 
+_EMPTY_INDEX: dict[torch.device, torch.Tensor] = {}
+
+
+def empty_index(device: torch.device) -> torch.Tensor:
+    """An empty int64 tensor on `device`, made once: the out= form's kept_index without
+    return_index (nothing is ever written to it)."""
+    index = _EMPTY_INDEX.get(device)
+    if index is None:
+        index = _EMPTY_INDEX[device] = torch.empty(0, dtype=torch.int64, device=device)
+    return index
+
+
 def _given_tensors(offsets, success, valid, prior) -> dict[str, torch.Tensor]:
     given = dict(offsets=offsets, success=success, valid=valid, prior=prior)
     return {name: t for name, t in given.items() if t is not None}
@@ -403,21 +418,15 @@ def group_advantages_op(
     triton: bool = False,
     out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Calls the op with a config's options: bandadv.group_advantages (the compiled kernel of
-    the tensor's device), through bandadv._C's entry in eager mode where it takes the call and
-    through torch.ops otherwise, or with triton=True the Triton kernel,
+    """Calls the op with a config's options through torch.ops: bandadv.group_advantages (the
+    compiled kernel of the tensor's device; in eager mode the public function calls it through
+    ENTRY first), or with triton=True the Triton kernel,
     torch.ops.bandadv.group_advantages_triton on CUDA tensors and the kernel itself under the CPU
     interpreter (triton_op rejects interpreted kernels). With `out` (the outputs of an earlier
     call with the same shapes, in OUTPUT_NAMES order) the results are written there; the Triton
     kernel is then called directly."""
-    config = config if config is not None else _DEFAULT_CONFIG
-    if not triton and _ENTRY is not None and not torch.compiler.is_compiling():
-        outs = _ENTRY(rewards, group_size, offsets, success, valid, prior, config.op_options(), return_index, out)
-        if outs is not NotImplemented:
-            return out if out is not None else outs
-    # Through torch.ops, only what differs from the schema's defaults is passed: each argument
-    # costs the call.
-    kwargs = config.op_changes()
+    # Only what differs from the schema's defaults is passed: each argument costs the call.
+    kwargs = (config if config is not None else _DEFAULT_CONFIG).op_changes()
     if offsets is not None or success is not None or valid is not None or prior is not None or return_index:
         kwargs = {**kwargs, **_given_tensors(offsets, success, valid, prior)}
         if return_index:
