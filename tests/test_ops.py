@@ -210,7 +210,7 @@ def test_opcheck_out_form(case):
 
 
 @pytest.mark.skipif("CPU" not in bandadv.ops.COMPILED, reason="the compiled CPU kernel carves small outputs")
-@pytest.mark.parametrize("num_groups, return_index", [(1, True), (48, False)])  # 48 groups: a 3.5 KB block
+@pytest.mark.parametrize("num_groups, return_index", [(1, True), (48, False), (512, False)])  # 3.5 and 37 KB blocks
 def test_small_outputs_are_independent_tensors(num_groups, return_index):
     # A small CPU call carves its outputs from one allocation (op_common.h); each must still act
     # as a tensor of its own: its own storage of its own size (no aliasing, for opcheck; a pickle
