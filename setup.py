@@ -1,4 +1,5 @@
-"""Builds bandadv._C: the C++ CPU kernel and, where torch has CUDA and nvcc is found, the CUDA kernel.
+"""Builds bandadv._C: the C++ CPU kernel, the module with its eager entry (csrc/python_entry.cpp)
+and, where torch has CUDA and nvcc is found, the CUDA kernel.
 
 Environment:
   BANDADV_SKIP_EXT=1     build no native code; the package then runs on its torch reference.
