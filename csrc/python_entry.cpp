@@ -77,10 +77,9 @@ c10::IValue option_value(PyObject* value, const c10::Argument& argument) {
     case c10::TypeKind::BoolType:
       TORCH_CHECK_TYPE(PyBool_Check(value), "bandadv: option ", argument.name(), " must be a bool");
       return c10::IValue(value == Py_True);
-    case c10::TypeKind::IntType:
+    case c10::TypeKind::IntType: {
       TORCH_CHECK_TYPE(PyLong_Check(value) && !PyBool_Check(value), "bandadv: option ", argument.name(),
                        " must be an int");
-    {
       const long long x = PyLong_AsLongLong(value);
       if (x == -1 && PyErr_Occurred()) throw python_error();
       return c10::IValue(static_cast<int64_t>(x));

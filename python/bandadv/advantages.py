@@ -211,7 +211,10 @@ def _op_buffers(out: GroupAdvantages, rewards: torch.Tensor, return_index: bool)
     """An earlier result's tensors as the op's outputs, to be written in place."""
     if (out.kept_index is not None) != return_index:
         raise ValueError(f"out comes from a call with return_index={not return_index}, this one has {return_index}")
-    kept_index = out.kept_index if return_index else ops.empty_index(rewards.device)
+    if return_index:
+        kept_index = out.kept_index
+    else:  # an empty tensor made once (eager), or in the graph being traced
+        kept_index = rewards.new_empty(0, dtype=torch.int64) if _is_compiling() else ops.empty_index(rewards.device)
     return (
         out.advantages, out.sample_mask, out.reason, out.group_mask, out.stats.count, out.stats.values,
         out.num_kept, kept_index,
