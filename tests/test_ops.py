@@ -245,7 +245,6 @@ def test_small_outputs_are_independent_tensors(num_groups, return_index):
     assert resident_mb() - before < 5
 
 
-
 @pytest.mark.parametrize("num_groups, return_index", [(0, True), (0, False), (1, False), (3, True)])
 def test_outputs_save_and_load(tmp_path, num_groups, return_index):
     # torch.save refuses two storages at one address with different dtypes: empty outputs (no
@@ -258,6 +257,7 @@ def test_outputs_save_and_load(tmp_path, num_groups, return_index):
     result = bandadv.group_advantages(rewards, 8, return_index=return_index)
     torch.save(result, tmp_path / "result.pt")
     assert torch.equal(torch.load(tmp_path / "result.pt", weights_only=False).advantages, result.advantages)
+
 
 # --- The eager entry, bandadv._C.group_advantages (csrc/python_entry.cpp) ---------------------
 
