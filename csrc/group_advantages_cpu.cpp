@@ -431,10 +431,9 @@ struct CpuGroupKernel {
     const acc_t* okv = st.ok + at;
     acc_t* adv = advantages + lo;
     bool* mask = sample_mask + lo;
-    const bool live = res.factor != acc_t(0) && res.denom != acc_t(0);
     const V center = S::splat(res.center), factor = S::splat(res.factor);
-    const V denom = S::splat(live ? res.denom : acc_t(1)), clip = S::splat(res.clip_value);
-    const M alive = S::splat(live ? acc_t(1) : acc_t(0)) > V{};
+    const V denom = S::splat(res.denom), clip = S::splat(res.clip_value);
+    const M alive = S::splat(res.live ? acc_t(1) : acc_t(0)) > V{};
     const bool nt = streams(adv);
     int64_t j = 0;
     for (; j + kW <= size; j += kW) {
@@ -494,7 +493,7 @@ struct CpuGroupKernel {
     acc_t successes[kTile], mean[kTile], m2[kTile], lo[kTile], hi[kTile], prior[kTile];
     acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
     acc_t center[kTile], factor[kTile], denom[kTile];
-    int32_t kept[kTile], clip[kTile];
+    int32_t kept[kTile], live[kTile], clip[kTile];
     // Per group, as vector lanes (all ones or zeros): advantages live, samples kept, clipped.
     typename S::lane_int alive_lanes[kTile], kept_lanes[kTile], clip_lanes[kTile];
     V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
@@ -538,6 +537,7 @@ struct CpuGroupKernel {
       tile.center[i] = res.center;
       tile.factor[i] = res.factor;
       tile.denom[i] = res.denom;
+      tile.live[i] = res.live;
       tile.kept[i] = res.kept;
       tile.clip[i] = res.clip;
     }
@@ -627,6 +627,7 @@ struct CpuGroupKernel {
           res.center = tile.center[i];
           res.factor = tile.factor[i];
           res.denom = tile.denom[i];
+          res.live = tile.live[i];
           res.clip = tile.clip[i];
           res.clip_value = rules.clip_value;
           write_chunk(begin(gi), end(gi) - begin(gi), st, tile.at[i], res);
@@ -841,10 +842,8 @@ struct CpuGroupKernel {
                                     const GroupRules<acc_t, int32_t>& rules, Tile& tile, const Stage<acc_t>& st) const {
     using lane_int = typename S::lane_int;
     int32_t clipping = 0;
-    for (int64_t i = 0; i < t; ++i) {  // as write_chunk: a zero factor or denominator gives 0
-      const int32_t live = int32_t(tile.factor[i] != acc_t(0)) & int32_t(tile.denom[i] != acc_t(0));
-      tile.denom[i] = live ? tile.denom[i] : acc_t(1);
-      tile.alive_lanes[i] = -lane_int(live);
+    for (int64_t i = 0; i < t; ++i) {
+      tile.alive_lanes[i] = -lane_int(tile.live[i]);
       tile.kept_lanes[i] = -lane_int(tile.kept[i]);
       tile.clip_lanes[i] = -lane_int(tile.clip[i]);
       clipping |= tile.clip[i];

@@ -134,7 +134,7 @@ BANDADV_HD acc_t variance_of(const Moments<acc_t, count_t>& m, bool unbiased) {
 }
 
 // Everything a backend writes for one group, and what it needs to turn each
-// reward of the group into an advantage: a = (r - center) * factor / denom.
+// reward of the group into an advantage: a = (r - center) * factor / denom where live, else 0.
 template <typename acc_t>
 struct GroupResult {
   int64_t count;
@@ -142,6 +142,7 @@ struct GroupResult {
   int32_t reason;
   int32_t kept;  // 1 or 0 (not bool: the CPU kernel's vectorised loop stores them as 32-bit lanes)
   acc_t center, factor, denom;
+  int32_t live;  // 1 or 0: whether the group's advantages are computed at all (else 0)
   int32_t clip;  // 1 or 0
   acc_t clip_value;
 };
@@ -249,6 +250,11 @@ BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t, count_t> m, bool has_p
   g.factor = m.n >= r.rloo_from ? rloo_factor : acc_t(1);
   g.factor = m.n == r.zero_at ? acc_t(0) : g.factor;
   g.factor = kept ? g.factor : acc_t(0);
+  // A zero factor gives advantages 0, and so does a zero denominator: it only arises with
+  // eps == 0 on a zero-spread group, where every centred reward is exactly 0 (0, not 0 / 0).
+  // Every backend reads `live` and this denominator (1 where not live) rather than re-deriving them.
+  g.live = int32_t(g.factor != acc_t(0)) & int32_t(g.denom != acc_t(0));
+  g.denom = g.live ? g.denom : acc_t(1);
   return g;
 }
 
@@ -289,12 +295,10 @@ struct GroupOutputs {
 
 template <typename acc_t>
 BANDADV_HD acc_t sample_advantage(acc_t reward, const GroupResult<acc_t>& g) {
-  // A zero denominator only arises with eps == 0 on a zero-spread group, where every centred
-  // reward is exactly 0: the advantage is 0, not 0 / 0. Branch-free, so loops vectorize.
-  const bool live = g.factor != acc_t(0) && g.denom != acc_t(0);
-  acc_t a = (reward - g.center) * g.factor / (live ? g.denom : acc_t(1));
+  // Branch-free, so loops vectorize.
+  acc_t a = (reward - g.center) * g.factor / g.denom;
   a = g.clip && a > g.clip_value ? g.clip_value : a;
-  return live ? a : acc_t(0);
+  return g.live ? a : acc_t(0);
 }
 
 }  // namespace bandadv

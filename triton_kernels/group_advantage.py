@@ -167,7 +167,9 @@ def _finish(n_i, k, mean, m2, lo, hi, prior, has_prior, batch_std,
         factor = tl.where(n_i >= 2, _div(n, tl.maximum(n - 1.0, 1.0), ACC), factor)
     factor = tl.where(lone & ~raw, 0.0, factor)
     factor = tl.where(kept, factor, 0.0)
-    return mean, std, var, pass_rate, success_var, reason, kept, clip, center, factor, denom
+    live = (factor != 0.0) & (denom != 0.0)  # finish_group: a zero factor or denominator gives 0
+    denom = tl.where(live, denom, 1.0)
+    return mean, std, var, pass_rate, success_var, reason, kept, clip, center, factor, denom, live
 
 
 @triton.jit
@@ -245,7 +247,7 @@ def _group_advantages_fwd_kernel(
         batch_std = 0.0
         if SCALE == SCALE_BATCH:
             batch_std = tl.load(BATCH_STD).to(ACC)
-        mean, std, var, pass_rate, success_var, reason, kept, clip, center, factor, denom = _finish(
+        mean, std, var, pass_rate, success_var, reason, kept, clip, center, factor, denom, live = _finish(
             n, k, mean, m2, lo, hi, prior, HAS_PRIOR, batch_std,
             eps, band_lo, band_hi, min_std, accidental_max, accidental_prior_max,
             ESTIMATOR, SCALE, UNBIASED, SINGLETON_RAW, MASK_ALL_EQUAL, USE_BAND, BAND_INCLUSIVE,
@@ -261,13 +263,11 @@ def _group_advantages_fwd_kernel(
         tl.store(SUCCESS_VAR + rows, success_var, mask=row_ok)
         tl.store(REWARD_VAR + rows, var, mask=row_ok)
 
-        live = (factor != 0.0) & (denom != 0.0)  # sample_advantage
-        safe_denom = tl.where(live, denom, 1.0)
         kept_count = tl.zeros([ROWS], dtype=tl.int64)
         for start in range(0, longest, BLOCK):
             r, s, ok, idx = _load_chunk(REWARDS, SUCCESS, VALID, begin, size, start, cols, HAS_SUCCESS, HAS_VALID, ACC)
             keep = ok & kept[:, None]
-            a = _div((r - center[:, None]) * factor[:, None], safe_denom[:, None], ACC)
+            a = _div((r - center[:, None]) * factor[:, None], denom[:, None], ACC)
             a = tl.where(clip[:, None], tl.minimum(a, accidental_clip.to(ACC)), a)
             a = tl.where(keep & live[:, None], a, 0.0)
             in_group = (start + cols)[None, :] < size[:, None]
