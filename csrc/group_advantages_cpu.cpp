@@ -133,7 +133,7 @@ struct Simd {
   }
   // kWidth bytes of `value` (0 or 1): the mask of kWidth samples that are all valid.
   template <bool kStream = false>
-  static C10_ALWAYS_INLINE void store_flags(bool* p, bool value) {
+  static C10_ALWAYS_INLINE void store_mask(bool* p, bool value) {
     if constexpr (kWidth == 8) {
       const int64_t bytes = value ? 0x0101010101010101LL : 0;
 #if defined(__SSE2__) && defined(__x86_64__)
@@ -401,25 +401,16 @@ struct CpuGroupKernel {
   bool streams(const acc_t* adv) const { return stream && reinterpret_cast<uintptr_t>(adv) % 16 == 0; }
 
   // One vector of advantages and of mask bytes, streamed past the caches where `nt` (the mask
-  // where S packs it into one 8-byte store).
-  static C10_ALWAYS_INLINE void put(acc_t* adv, bool* mask, V a, M m, bool nt) {
+  // where S packs it into one 8-byte store). The mask is given per lane (M) or, where every one
+  // of the kW samples is valid, as their group's kept flag (bool).
+  template <typename Mask>
+  static C10_ALWAYS_INLINE void put(acc_t* adv, bool* mask, V a, Mask m, bool nt) {
     if (nt) {
       S::stream(adv, a);
       S::template store_mask<true>(mask, m);
     } else {
       S::store(adv, a);
       S::store_mask(mask, m);
-    }
-  }
-
-  // The same, with every one of the kW samples valid: their mask is their group's kept flag.
-  static C10_ALWAYS_INLINE void put(acc_t* adv, bool* mask, V a, bool kept, bool nt) {
-    if (nt) {
-      S::stream(adv, a);
-      S::template store_flags<true>(mask, kept);
-    } else {
-      S::store(adv, a);
-      S::store_flags(mask, kept);
     }
   }
 
