@@ -485,8 +485,8 @@ struct CpuGroupKernel {
     acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
     acc_t center[kTile], factor[kTile], denom[kTile];
     int32_t kept[kTile], live[kTile], clip[kTile];
-    // Per group, as vector lanes (all ones or zeros): advantages live, samples kept, clipped.
-    typename S::lane_int alive_lanes[kTile], kept_lanes[kTile], clip_lanes[kTile];
+    // Per group, as vector lanes (all ones or zeros): advantages live, samples kept.
+    typename S::lane_int alive_lanes[kTile], kept_lanes[kTile];
     V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
     acc_t count[kTile];  // valid samples, as S::sum makes them (then n)
     int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
@@ -543,6 +543,7 @@ struct CpuGroupKernel {
     const GroupRules<acc_t, int32_t> rules = group_rules<acc_t, int32_t>(options, batch_std);
     const bool has_prior = prior != nullptr;
     Tile tile;
+    if (!has_prior) std::fill_n(tile.prior, kTile, acc_t(0));  // read, unused, by finish_group
     if (uniform && !pre) {
       const int64_t per_tile = std::min(kTile, kStage / group_size);
       auto sweep = [&](auto vectors) {
@@ -709,7 +710,7 @@ struct CpuGroupKernel {
     } else {
       stage_flags(staged, base, t, vectors, tile, st);
     }
-    for (int64_t i = 0; i < t; ++i) tile.prior[i] = prior ? prior[first + i] : acc_t(0);
+    if (prior) std::copy_n(prior + first, t, tile.prior);  // else zeros, from run_groups
     tile_shifts(tile, t);
     if (clean) {
       centred_tile<true>(staged, t, vectors, tile, st);
@@ -827,34 +828,34 @@ struct CpuGroupKernel {
 
   // Advantages and masks of a tile's groups (write_chunk's formula; an unkept group has factor
   // 0, so its advantages are 0, and its mask is cleared). In a clean tile every sample is valid,
-  // so a group's mask is its kept flag.
+  // so a group's mask is its kept flag. Clipping is decided per group (it applies to few), and
+  // the output pointers are locals: a store through bool* may alias any member, which would
+  // otherwise be read again after every mask store.
   template <bool kClean>
   C10_ALWAYS_INLINE void write_tile(const acc_t* reward, int64_t base, int64_t t, int64_t vectors,
                                     const GroupRules<acc_t, int32_t>& rules, Tile& tile, const Stage<acc_t>& st) const {
     using lane_int = typename S::lane_int;
-    int32_t clipping = 0;
     for (int64_t i = 0; i < t; ++i) {
       tile.alive_lanes[i] = -lane_int(tile.live[i]);
       tile.kept_lanes[i] = -lane_int(tile.kept[i]);
-      tile.clip_lanes[i] = -lane_int(tile.clip[i]);
-      clipping |= tile.clip[i];
     }
     const V clip = S::splat(rules.clip_value);
+    acc_t* const adv = advantages + base;
+    bool* const mask = sample_mask + base;
     const bool nt = streams(advantages);  // and so every group's first sample, G being whole vectors
     for (int64_t i = 0; i < t; ++i) {
       const V center = S::splat(tile.center[i]), factor = S::splat(tile.factor[i]), denom = S::splat(tile.denom[i]);
       const M alive = S::splat_lanes(tile.alive_lanes[i]), in_group = S::splat_lanes(tile.kept_lanes[i]);
-      const M clipped = S::splat_lanes(tile.clip_lanes[i]);
-      const bool group_kept = tile.kept[i] != 0;
+      const bool group_kept = tile.kept[i] != 0, clipped = tile.clip[i] != 0;
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
         V a = (S::load(reward + j) - center) * factor / denom;
-        if (clipping) a = S::select((a > clip) & clipped, clip, a);
+        if (clipped) a = S::select(a > clip, clip, a);
         if constexpr (kClean) {
-          put(advantages + base + j, sample_mask + base + j, S::keep(alive, a), group_kept, nt);
+          put(adv + j, mask + j, S::keep(alive, a), group_kept, nt);
         } else {
           const M ok = S::load(st.ok + j) > V{};
-          put(advantages + base + j, sample_mask + base + j, S::keep(ok & alive, a), ok & in_group, nt);
+          put(adv + j, mask + j, S::keep(ok & alive, a), ok & in_group, nt);
         }
       }
     }
