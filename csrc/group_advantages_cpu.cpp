@@ -485,8 +485,6 @@ struct CpuGroupKernel {
     acc_t sum[kTile], shift[kTile], sum_d[kTile], sum_d2[kTile];  // the two sweeps' sums
     acc_t center[kTile], factor[kTile], denom[kTile];
     int32_t kept[kTile], live[kTile], clip[kTile];
-    // Per group, as vector lanes (all ones or zeros): advantages live, samples kept.
-    typename S::lane_int alive_lanes[kTile], kept_lanes[kTile];
     V lanes[3][kTile];  // per-lane sums of each group (uniform_tile), before S::sum
     acc_t count[kTile];  // valid samples, as S::sum makes them (then n)
     int64_t at[kTile], size[kTile];  // where each group is staged, and its number of samples
@@ -835,17 +833,13 @@ struct CpuGroupKernel {
   C10_ALWAYS_INLINE void write_tile(const acc_t* reward, int64_t base, int64_t t, int64_t vectors,
                                     const GroupRules<acc_t, int32_t>& rules, Tile& tile, const Stage<acc_t>& st) const {
     using lane_int = typename S::lane_int;
-    for (int64_t i = 0; i < t; ++i) {
-      tile.alive_lanes[i] = -lane_int(tile.live[i]);
-      tile.kept_lanes[i] = -lane_int(tile.kept[i]);
-    }
     const V clip = S::splat(rules.clip_value);
     acc_t* const adv = advantages + base;
     bool* const mask = sample_mask + base;
     const bool nt = streams(advantages);  // and so every group's first sample, G being whole vectors
     for (int64_t i = 0; i < t; ++i) {
       const V center = S::splat(tile.center[i]), factor = S::splat(tile.factor[i]), denom = S::splat(tile.denom[i]);
-      const M alive = S::splat_lanes(tile.alive_lanes[i]), in_group = S::splat_lanes(tile.kept_lanes[i]);
+      const M alive = S::splat_lanes(-lane_int(tile.live[i])), in_group = S::splat_lanes(-lane_int(tile.kept[i]));
       const bool group_kept = tile.kept[i] != 0, clipped = tile.clip[i] != 0;
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t j = (i * vectors + v) * kW;
