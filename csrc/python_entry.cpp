@@ -11,7 +11,8 @@
 // dispatcher still runs every dispatch key (autograd's fallback, dispatch modes, the profiler's
 // record of the op); what this path leaves out, __torch_function__, it leaves to torch.ops: with
 // a tensor subclass, a Tensor-like argument or a torch function mode it returns NotImplemented
-// and the caller goes through torch.ops instead.
+// and the caller goes through torch.ops instead. It returns the public result, a GroupAdvantages,
+// built here (set_result_types), or None with out=.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
@@ -155,6 +156,98 @@ bool tensor_argument(PyObject* obj, bool optional, c10::IValue& out) {
   return true;
 }
 
+// The types of the public result, bandadv.types.GroupAdvantages and GroupStats (named tuples),
+// set once by bandadv.ops (set_result_types): the entry builds the result itself, as
+// bandadv.advantages._result does from torch.ops' outputs, without the Python tuple between.
+// The fields each must have, in this order, with the op's outputs (kOutputNames) that fill them.
+constexpr std::array<std::string_view, 7> kResultFields = {
+    "advantages", "sample_mask", "reason", "group_mask", "stats", "num_kept", "kept_index"};
+constexpr std::array<std::string_view, 2> kStatsFields = {"count", "values"};
+PyTypeObject* result_type = nullptr;
+PyTypeObject* stats_type = nullptr;
+
+// A named tuple type whose _fields are `fields`, or an error that says what differs.
+template <size_t N>
+PyTypeObject* named_tuple_type(PyObject* type, const std::array<std::string_view, N>& fields) {
+  TORCH_CHECK_TYPE(PyType_Check(type) && PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(type), &PyTuple_Type),
+                   "bandadv: set_result_types takes named tuple types");
+  PyObject* names = PyObject_GetAttrString(type, "_fields");
+  if (names == nullptr) throw python_error();
+  std::string got;
+  bool same = PyTuple_Check(names) && PyTuple_GET_SIZE(names) == static_cast<Py_ssize_t>(N);
+  for (Py_ssize_t i = 0; PyTuple_Check(names) && i < PyTuple_GET_SIZE(names); ++i) {
+    const char* name = PyUnicode_Check(PyTuple_GET_ITEM(names, i)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, i)) : "?";
+    if (name == nullptr) {
+      Py_DECREF(names);
+      throw python_error();
+    }
+    got += std::string(i ? ", " : "") + name;
+    same = same && static_cast<size_t>(i) < N && fields[i] == name;
+  }
+  Py_DECREF(names);
+  std::string expected;
+  for (size_t i = 0; i < N; ++i) expected += std::string(i ? ", " : "") + std::string(fields[i]);
+  TORCH_CHECK_TYPE(same, "bandadv: ", reinterpret_cast<PyTypeObject*>(type)->tp_name, " has fields (", got,
+                   "), but this build fills (", expected, "); rebuild bandadv");
+  Py_INCREF(type);
+  return reinterpret_cast<PyTypeObject*>(type);
+}
+
+PyObject* set_result_types(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2, "bandadv._C.set_result_types takes (GroupAdvantages, GroupStats)");
+  PyTypeObject* result = named_tuple_type(args[0], kResultFields);
+  PyTypeObject* stats = nullptr;
+  try {
+    stats = named_tuple_type(args[1], kStatsFields);
+  } catch (...) {
+    Py_DECREF(result);
+    throw;
+  }
+  Py_XDECREF(result_type);
+  Py_XDECREF(stats_type);
+  result_type = result;
+  stats_type = stats;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// An instance of the named tuple type `type` holding `items` (references it takes over), made as
+// tuple.__new__ makes one. Every item is set before any Python code can run.
+template <size_t N>
+PyObject* new_named_tuple(PyTypeObject* type, const std::array<PyObject*, N>& items) {
+  PyObject* out = type->tp_alloc(type, static_cast<Py_ssize_t>(N));
+  if (out == nullptr) {
+    for (PyObject* item : items) Py_DECREF(item);
+    return nullptr;
+  }
+  for (size_t i = 0; i < N; ++i) PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), items[i]);
+  return out;
+}
+
+// The op's outputs (kOutputNames order) as a GroupAdvantages; kept_index is None unless
+// return_index (the op then returns an empty tensor, which is dropped here unwrapped).
+PyObject* build_result(torch::jit::Stack& outputs, bool return_index) {
+  static_assert(kOutputNames.size() == 8 && kOutputNames[4] == "count" && kOutputNames[5] == "group_stats" &&
+                kOutputNames[7] == "kept_index");
+  std::array<PyObject*, kOutputNames.size()> t{};
+  const size_t wrapped = return_index ? t.size() : t.size() - 1;
+  for (size_t i = 0; i < wrapped; ++i) {
+    t[i] = THPVariable_Wrap(std::move(outputs[i]).toTensor());
+    if (t[i] == nullptr) {
+      for (size_t j = 0; j < i; ++j) Py_DECREF(t[j]);
+      return nullptr;
+    }
+  }
+  if (!return_index) t[7] = Py_NewRef(Py_None);
+  PyObject* stats = new_named_tuple<2>(stats_type, {t[4], t[5]});
+  if (stats == nullptr) {
+    for (size_t i : {0, 1, 2, 3, 6, 7}) Py_DECREF(t[i]);
+    return nullptr;
+  }
+  return new_named_tuple<7>(result_type, {t[0], t[1], t[2], t[3], stats, t[6], t[7]});
+}
+
 struct ReleaseGil {
   PyThreadState* state = PyEval_SaveThread();
   ~ReleaseGil() { PyEval_RestoreThread(state); }
@@ -164,6 +257,7 @@ PyObject* group_advantages(PyObject* /*module*/, PyObject* const* args, Py_ssize
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == kPassed || nargs == kPassed + 1, "bandadv._C.group_advantages takes ", kPassed,
                    " or ", kPassed + 1, " arguments, got ", nargs);
+  TORCH_CHECK(result_type != nullptr, "bandadv._C.group_advantages: call set_result_types first (bandadv.ops does)");
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
   const bool out_form = nargs == kPassed + 1 && args[kPassed] != Py_None;
   const Overload& target = overload(out_form);
@@ -182,7 +276,9 @@ PyObject* group_advantages(PyObject* /*module*/, PyObject* const* args, Py_ssize
     stack.push_back(std::move(value));
   }
   for (const c10::IValue& option : options_of(args[kInputs])) stack.push_back(option);
-  stack.emplace_back(PyObject_IsTrue(args[kInputs + 1]) == 1);
+  const int return_index = PyObject_IsTrue(args[kInputs + 1]);
+  if (return_index < 0) throw python_error();
+  stack.emplace_back(return_index == 1);
   if (out_form) {
     PyObject* out = args[kPassed];
     TORCH_CHECK_TYPE(PyTuple_Check(out) && PyTuple_GET_SIZE(out) + stack.size() == target.num_arguments,
@@ -200,23 +296,18 @@ PyObject* group_advantages(PyObject* /*module*/, PyObject* const* args, Py_ssize
     target.op.callBoxed(stack);
   }
   if (out_form) Py_RETURN_NONE;
-  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(stack.size()));
-  if (result == nullptr) return nullptr;
-  for (size_t i = 0; i < stack.size(); ++i) {
-    PyObject* tensor = THPVariable_Wrap(std::move(stack[i]).toTensor());
-    if (tensor == nullptr) {
-      Py_DECREF(result);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), tensor);
-  }
-  return result;
+  TORCH_INTERNAL_ASSERT(stack.size() == kOutputNames.size());
+  return build_result(stack, return_index);
   END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {
     {"group_advantages", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&group_advantages)),
-     METH_FASTCALL, "The op torch.ops.bandadv.group_advantages through the dispatcher, for eager calls."},
+     METH_FASTCALL,
+     "The op torch.ops.bandadv.group_advantages through the dispatcher, for eager calls: a GroupAdvantages, or None "
+     "with out=."},
+    {"set_result_types", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&set_result_types)),
+     METH_FASTCALL, "The named tuple types group_advantages returns: (GroupAdvantages, GroupStats)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -303,9 +303,18 @@ def _entry_case(data):
 
 def _assert_same(outs, expected):
     assert len(outs) == len(expected)
-    for name, a, b in zip(bandadv.ops.OUTPUT_NAMES, outs, expected, strict=True):
+    for name, a, b in zip(bandadv.ops.OUTPUT_NAMES[: len(outs)], outs, expected, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def _assert_result_is(result, expected, return_index):
+    # The entry's GroupAdvantages holds the op's outputs, kept_index only with return_index.
+    assert type(result) is bandadv.GroupAdvantages and type(result.stats) is bandadv.GroupStats
+    assert (result.kept_index is None) != return_index
+    r = result
+    outs = (r.advantages, r.sample_mask, r.reason, r.group_mask, r.stats.count, r.stats.values, r.num_kept)
+    _assert_same(outs + ((r.kept_index,) if return_index else ()), expected[: len(outs) + return_index])
 
 
 @needs_entry
@@ -322,7 +331,7 @@ def test_entry_gives_what_torch_ops_gives():
     def check(data, return_index):
         inputs, config = _entry_case(data)
         expected = op(*inputs, **config.op_kwargs(), return_index=return_index)
-        _assert_same(entry(*inputs, config.op_options(), return_index, None), expected)
+        _assert_result_is(entry(*inputs, config.op_options(), return_index, None), expected, return_index)
         buffers = tuple(torch.full_like(t, 7) for t in expected)
         assert entry(*inputs, config.op_options(), return_index, buffers) is None
         _assert_same(buffers, expected)
@@ -356,6 +365,27 @@ def test_entry_errors_are_the_ops():
     with pytest.raises(ValueError, match=r"out group_mask must be a contiguous torch\.bool"):
         outs = op(rewards, 4)
         entry(rewards, 4, None, None, None, None, options, False, (*outs[:3], outs[3].int(), *outs[4:]))
+
+
+@needs_entry
+def test_entry_checks_the_result_types():
+    # The entry fills GroupAdvantages and GroupStats by position: types whose fields are not the
+    # ones it fills, in its order, are refused (and the types set before stay).
+    from typing import NamedTuple
+
+    fields = bandadv.GroupAdvantages._fields
+    swapped = NamedTuple("Swapped", [(name, object) for name in (fields[1], fields[0], *fields[2:])])
+    short = NamedTuple("Short", [("count", object)])
+    for types, message in [
+        ((swapped, bandadv.GroupStats), r"Swapped has fields \(sample_mask, advantages, .*\), but this build fills "
+         r"\(advantages, sample_mask, reason, group_mask, stats, num_kept, kept_index\)"),
+        ((bandadv.GroupAdvantages, short), r"Short has fields \(count\), but this build fills \(count, values\)"),
+        ((dict, bandadv.GroupStats), "takes named tuple types"),
+    ]:  # fmt: skip
+        with pytest.raises(TypeError, match=message):
+            bandadv._C.set_result_types(*types)
+    result = bandadv.group_advantages(torch.rand(8), 4)
+    assert type(result) is bandadv.GroupAdvantages and type(result.stats) is bandadv.GroupStats
 
 
 @needs_entry

@@ -18,7 +18,7 @@ import torch
 
 from .config import OP_DEFAULTS, OPTION_NAMES, AdvantageConfig
 from .reference import reference_group_advantages
-from .types import STAT_NAMES, GroupAdvantages
+from .types import STAT_NAMES, GroupAdvantages, GroupStats
 
 # The op's interface, written once. The C++ kernels read their arguments from it by name
 # (csrc/op_entry.h); the fake, the reference op and the Triton op bind theirs by name through
@@ -138,13 +138,15 @@ TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 EXTENSION_ERROR: str | None = _load_extension()
 # The eager entry of the compiled extension (csrc/python_entry.cpp): the op through the
 # dispatcher, with the options as one tuple (AdvantageConfig.op_options()) instead of torch.ops'
-# per-argument handling, and the out= overload's outputs as a tuple after them; it returns
-# NotImplemented where torch.ops must take the call (__torch_function__ of a tensor subclass or
-# a mode). The public function calls it in eager mode, and group_advantages_op otherwise.
+# per-argument handling, and the out= overload's outputs as a tuple after them. It returns the
+# GroupAdvantages itself (None with out=), or NotImplemented where torch.ops must take the call
+# (__torch_function__ of a tensor subclass or a mode). The public function calls it in eager
+# mode, and group_advantages_op otherwise.
 ENTRY = None
 if EXTENSION_ERROR is None:
     from . import _C
 
+    _C.set_result_types(GroupAdvantages, GroupStats)  # which checks their fields against its own
     ENTRY = _C.group_advantages
 if EXTENSION_ERROR is not None:  # the package still works, on the reference (and Triton for CUDA tensors)
     warnings.warn(
