@@ -90,6 +90,12 @@ def group_advantages(
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if validate and (offsets is not None or success is not None or prior is not None):
         _check_values(rewards, group_size, offsets, success, valid, prior, backend)
+    if backend == "auto" and out is None and _ENTRY is not None and not _is_compiling():
+        # The usual call: bandadv._C's entry (_run's first choice), inline.
+        if not (rewards.is_cuda and ops.TRITON_FOR_CUDA):
+            result = _ENTRY(rewards, group_size or 0, offsets, success, valid, prior, cfg._op_options, return_index)
+            if result is not NotImplemented:
+                return result
     return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
 
 
@@ -189,6 +195,7 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
 
 
 _is_compiling = torch.compiler.is_compiling
+_ENTRY = ops.ENTRY
 
 
 def _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers) -> GroupAdvantages:
