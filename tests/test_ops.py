@@ -375,11 +375,14 @@ def test_entry_checks_the_result_types():
 
     fields = bandadv.GroupAdvantages._fields
     swapped = NamedTuple("Swapped", [(name, object) for name in (fields[1], fields[0], *fields[2:])])
-    short = NamedTuple("Short", [("count", object)])
+
+    class Short(NamedTuple):
+        count: object
+
     for types, message in [
         ((swapped, bandadv.GroupStats), r"Swapped has fields \(sample_mask, advantages, .*\), but this build fills "
          r"\(advantages, sample_mask, reason, group_mask, stats, num_kept, kept_index\)"),
-        ((bandadv.GroupAdvantages, short), r"Short has fields \(count\), but this build fills \(count, values\)"),
+        ((bandadv.GroupAdvantages, Short), r"Short has fields \(count\), but this build fills \(count, values\)"),
         ((dict, bandadv.GroupStats), "takes named tuple types"),
     ]:  # fmt: skip
         with pytest.raises(TypeError, match=message):
