@@ -514,6 +514,9 @@ struct CpuGroupKernel {
   // The per-group math of a tile's groups (first, ...), stored: a loop GCC vectorises (eight float
   // groups per AVX2 operation; it needs -fno-math-errno and -fno-trapping-math, and ivdep for the
   // outputs, which never overlap).
+  // kBandCounts: every group of the tile has rules.band_n valid samples (a clean uniform tile), and
+  // its band is decided from its success count (band_counts in group_math.h), not in double.
+  template <bool kBandCounts = false>
   void finish_tile(int64_t first, int64_t t, const GroupRules<acc_t, int32_t>& rules, Tile& tile) const {
     const bool has_prior = prior != nullptr;
 #if defined(__GNUC__) && !defined(__clang__)
@@ -527,7 +530,7 @@ struct CpuGroupKernel {
       m.m2 = tile.m2[i];
       m.lo = tile.lo[i];
       m.hi = tile.hi[i];
-      const GroupResult<acc_t> res = finish_group(m, has_prior, tile.prior[i], rules);
+      const GroupResult<acc_t> res = finish_group<kBandCounts>(m, has_prior, tile.prior[i], rules);
       groups.store_all_but_mask(first + i, res);
       tile.center[i] = res.center;
       tile.factor[i] = res.factor;
@@ -544,7 +547,9 @@ struct CpuGroupKernel {
   // (scale="batch", whose first pass made them) and not recomputed.
   int64_t run_groups(int64_t lo, int64_t hi, const Moments<acc_t>* pre, acc_t batch_std, int64_t* kept) const {
     Stage<acc_t>& st = thread_stage<acc_t>();
-    const GroupRules<acc_t, int32_t> rules = group_rules<acc_t, int32_t>(options, batch_std);
+    GroupRules<acc_t, int32_t> rules = group_rules<acc_t, int32_t>(options, batch_std);
+    // Clean uniform tiles decide the band from success counts: every group there has G samples.
+    if (uniform && !pre && options.use_band) band_counts(rules, static_cast<int32_t>(group_size));
     const bool has_prior = prior != nullptr;
     Tile tile;
     if (!has_prior) std::fill_n(tile.prior, kTile, acc_t(0));  // read, unused, by finish_group
@@ -717,7 +722,11 @@ struct CpuGroupKernel {
       centred_tile<false>(st.reward, t, vectors, tile, st);
     }
     tile_moments(tile, t);
-    finish_tile(first, t, rules, tile);
+    if (clean) {
+      finish_tile<true>(first, t, rules, tile);
+    } else {
+      finish_tile<false>(first, t, rules, tile);
+    }
     // The next tile's rewards, fetched a group's worth at a time while this tile is written (its
     // longest sweep), so that they are in the cache when the next tile's first sweep reads them.
     const char* ahead = reinterpret_cast<const char*>(rewards + base + count);

@@ -8,9 +8,12 @@
 // against.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BANDADV_HD __host__ __device__ __forceinline__
@@ -147,6 +150,40 @@ struct GroupResult {
   acc_t clip_value;
 };
 
+// The next value of type T after x toward `to` (std::nextafter, on the host and on a GPU).
+template <typename T>
+BANDADV_HD T next_toward(T x, T to) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  if constexpr (sizeof(T) == 4) {
+    return nextafterf(x, to);
+  } else {
+    return nextafter(x, to);
+  }
+#else
+  return std::nextafter(x, to);
+#endif
+}
+
+// A double bound b as a T for comparisons that decide exactly as comparing x, converted to
+// double, with b itself, for every T value x (NaN included: false either way):
+//   double(x) <= b  <=>  x <= at_most<T>(b), the largest T at most b;
+//   double(x) <  b  <=>  x <  at_least<T>(b), the smallest T at least b.
+// (If x <= b, x is a T at most b, so at most the largest one; x < b likewise.) A group's
+// statistics are then compared in their own type, with no conversion to double per group.
+template <typename T>
+BANDADV_HD T at_most(double b) {
+  constexpr T kMax = std::numeric_limits<T>::max();
+  if (b >= double(kMax)) return b == std::numeric_limits<double>::infinity() ? T(b) : kMax;
+  if (b < -double(kMax)) return -std::numeric_limits<T>::infinity();
+  const T t = static_cast<T>(b);
+  return double(t) > b ? next_toward(t, -std::numeric_limits<T>::infinity()) : t;
+}
+
+template <typename T>
+BANDADV_HD T at_least(double b) {
+  return -at_most<T>(-b);
+}
+
 // The options as finish_group applies them, worked out once per call (or per tile): each rule
 // becomes the reason bit it may set (0 when off) or a count threshold, so that every choice in
 // finish_group compares this group's own values. It is written branch-free, so that the CPU
@@ -156,10 +193,15 @@ template <typename acc_t, typename count_t>
 struct GroupRules {
   int32_t too_few, all_equal, low_std, below_band, above_band, accidental;  // bits, 0 when off
   int32_t band_exclusive, masking;
-  double min_std, band_lo, band_hi, accidental_max, prior_max;
+  double band_lo, band_hi;
+  acc_t min_std, accidental_max, prior_max;  // as at_most / at_least make them (group_reason)
   bool unbiased;
   count_t raw_at, zero_at, group_std_from, rloo_from;  // counts at which a rule applies
   acc_t eps, fixed_denom, clip_value;
+  // The band as success counts, for groups of exactly band_n valid samples (band_counts): a
+  // pass rate k / n is below the band exactly when k < band_k_lo, above it when k > band_k_hi.
+  count_t band_n;
+  acc_t band_k_lo, band_k_hi;
 };
 
 template <typename acc_t, typename count_t = int64_t>
@@ -175,11 +217,11 @@ BANDADV_HD GroupRules<acc_t, count_t> group_rules(const Options& o, acc_t batch_
   r.band_exclusive = o.band_inclusive ? 0 : 1;
   r.masking = kAllEqual | kBelowBand | kAboveBand | kLowStd | kTooFew |
               (o.accidental_action == AccidentalAction::kMask ? kAccidentalSuccess : 0);
-  r.min_std = o.min_std * (1.0 + kLowStdSlack);
+  r.min_std = at_most<acc_t>(o.min_std * (1.0 + kLowStdSlack));  // std <= min_std
   r.band_lo = o.band_lo;
   r.band_hi = o.band_hi;
-  r.accidental_max = double(o.accidental_max_successes);
-  r.prior_max = o.accidental_prior_max;
+  r.accidental_max = at_most<acc_t>(double(o.accidental_max_successes));  // k <= max
+  r.prior_max = at_least<acc_t>(o.accidental_prior_max);                   // prior < max
   r.unbiased = o.unbiased;
   // verl (compute_grpo_outcome_advantage) scores a lone sample against mean 0
   // and std 1; TRL and the default give it advantage 0.
@@ -193,31 +235,120 @@ BANDADV_HD GroupRules<acc_t, count_t> group_rules(const Options& o, acc_t batch_
   r.eps = acc_t(o.eps);
   r.fixed_denom = grpo && o.scale == Scale::kBatch ? batch_std + acc_t(o.eps) : acc_t(1);
   r.clip_value = acc_t(o.accidental_clip);
+  r.band_n = 0;
+  r.band_k_lo = r.band_k_hi = acc_t(0);
   return r;
 }
 
+// Whether a group of n valid samples with success count k lies below (above) the band: its pass
+// rate, decided in double from k / n on every backend, so that a pass rate exactly on a bound is
+// classified identically everywhere.
 template <typename acc_t, typename count_t>
+BANDADV_HD bool below_band(acc_t k, count_t n, const GroupRules<acc_t, count_t>& r) {
+  const double p = double(k) / double(n);
+  return (p < r.band_lo) | (r.band_exclusive & (p == r.band_lo));
+}
+template <typename acc_t, typename count_t>
+BANDADV_HD bool above_band(acc_t k, count_t n, const GroupRules<acc_t, count_t>& r) {
+  const double p = double(k) / double(n);
+  return (p > r.band_hi) | (r.band_exclusive & (p == r.band_hi));
+}
+
+// Sets the band as success counts for groups of n >= 1 valid samples (GroupRules::band_n). For a
+// fixed n, k / n in double never decreases as k grows, so the counts below the band are those
+// under one threshold, and the counts above it those over another: each found here by bisection
+// over the ordered acc_t values, with below_band and above_band themselves as the test. Host code.
+template <typename acc_t, typename count_t>
+void band_counts(GroupRules<acc_t, count_t>& r, count_t n) {
+  using Bits = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  constexpr Bits kSign = Bits(1) << (8 * sizeof(acc_t) - 1);
+  // acc_t values (NaN aside) in order as unsigned integers, and back
+  auto key = [](acc_t x) {
+    Bits b;
+    std::memcpy(&b, &x, sizeof b);
+    return (b & kSign) ? Bits(~b) : Bits(b | kSign);
+  };
+  auto value = [](Bits k) {
+    const Bits b = (k & kSign) ? Bits(k & ~kSign) : Bits(~k);
+    acc_t x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+  };
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const Bits kLow = key(-inf), kHigh = key(inf);
+  // The least key at which `up` holds, given that it holds from some key on, at kHigh but not at
+  // kLow: searched outward from the key of `guess`, in steps that double, then by bisection (a
+  // few tests where the guess is within a few values of the answer, as k = bound * n is).
+  auto first_true = [&](acc_t guess, auto up) {
+    const Bits start = std::min(std::max(key(guess), Bits(kLow + 1)), kHigh);
+    Bits lo = kLow, hi = kHigh;  // up is false at lo and true at hi
+    if (up(value(start))) {
+      hi = start;
+      for (Bits step = 1; lo == kLow; step *= 2) {
+        const Bits probe = hi - kLow > step ? Bits(hi - step) : kLow;
+        if (probe == kLow || !up(value(probe))) {
+          lo = probe;
+          if (probe == kLow) break;
+        } else {
+          hi = probe;
+        }
+      }
+    } else {
+      lo = start;
+      for (Bits step = 1; hi == kHigh; step *= 2) {
+        const Bits probe = kHigh - lo > step ? Bits(lo + step) : kHigh;
+        if (probe == kHigh || up(value(probe))) {
+          hi = probe;
+          if (probe == kHigh) break;
+        } else {
+          lo = probe;
+        }
+      }
+    }
+    while (hi - lo > 1) {
+      const Bits mid = lo + (hi - lo) / 2;
+      if (up(value(mid))) {
+        hi = mid;
+      } else {
+        lo = mid;
+      }
+    }
+    return hi;
+  };
+  const double count = double(n);
+  // k < band_k_lo: band_k_lo is the least k not below the band (+inf is never below it)
+  r.band_k_lo = value(first_true(acc_t(r.band_lo * count), [&](acc_t k) { return !below_band(k, n, r); }));
+  // k > band_k_hi: band_k_hi is the greatest k not above the band (-inf is never above it)
+  r.band_k_hi = value(first_true(acc_t(r.band_hi * count), [&](acc_t k) { return above_band(k, n, r); }) - 1);
+  r.band_n = n;
+}
+
+// kBandCounts: every group has r.band_n valid samples (band_counts), and the band is decided from
+// its success count alone; the CPU kernel's tiles of groups with every sample valid.
+template <bool kBandCounts = false, typename acc_t, typename count_t>
 BANDADV_HD int32_t group_reason(const Moments<acc_t, count_t>& m, acc_t std, bool has_prior, acc_t prior,
                                 const GroupRules<acc_t, count_t>& r) {
   const int32_t two = m.n >= 2;
   int32_t reason = r.too_few * (two ^ 1);
   reason |= r.all_equal * (two & int32_t(m.lo == m.hi));
-  reason |= r.low_std * (two & int32_t(double(std) <= r.min_std));
-  // The band is decided in float64 from k / n on every backend, so that a pass rate sitting
-  // exactly on a bound is classified identically everywhere.
-  const double k = double(m.successes);
-  const double p = k / double(m.n);
-  reason |= r.below_band * (int32_t(p < r.band_lo) | (r.band_exclusive & int32_t(p == r.band_lo)));
-  reason |= r.above_band * (int32_t(p > r.band_hi) | (r.band_exclusive & int32_t(p == r.band_hi)));
+  reason |= r.low_std * (two & int32_t(std <= r.min_std));
+  const acc_t k = m.successes;
+  if constexpr (kBandCounts) {
+    reason |= r.below_band * int32_t(k < r.band_k_lo);
+    reason |= r.above_band * int32_t(k > r.band_k_hi);
+  } else {
+    reason |= r.below_band * int32_t(below_band(k, m.n, r));
+    reason |= r.above_band * int32_t(above_band(k, m.n, r));
+  }
   // An "accidental" success: 1..max hits, on a prompt that earlier steps rated hard (prior below
   // the threshold). A NaN prior means no estimate yet.
   const int32_t prior_known = int32_t(has_prior) & int32_t(prior == prior);
-  const int32_t rated_hard = (prior_known ^ 1) | int32_t(double(prior) < r.prior_max);
-  reason |= r.accidental * (int32_t(k >= 1.0) & int32_t(k <= r.accidental_max) & rated_hard);
+  const int32_t rated_hard = (prior_known ^ 1) | int32_t(prior < r.prior_max);
+  reason |= r.accidental * (int32_t(k >= acc_t(1)) & int32_t(k <= r.accidental_max) & rated_hard);
   return m.n > 0 ? reason : int32_t(kTooFew);  // nothing to learn from, whatever the options
 }
 
-template <typename acc_t, typename count_t>
+template <bool kBandCounts = false, typename acc_t, typename count_t>
 BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t, count_t> m, bool has_prior, acc_t prior,
                                            const GroupRules<acc_t, count_t>& r) {
   GroupResult<acc_t> g;
@@ -237,7 +368,7 @@ BANDADV_HD GroupResult<acc_t> finish_group(Moments<acc_t, count_t> m, bool has_p
   const acc_t pass_rate = m.successes / n;
   g.pass_rate = some ? pass_rate : acc_t(0);
   g.success_var = g.pass_rate * (acc_t(1) - g.pass_rate);
-  g.reason = group_reason(m, g.std, has_prior, prior, r);
+  g.reason = group_reason<kBandCounts>(m, g.std, has_prior, prior, r);
   const int32_t kept = (g.reason & r.masking) == 0;
   g.kept = kept;
   g.clip = kept & int32_t((g.reason & kAccidentalSuccess) != 0);

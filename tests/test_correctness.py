@@ -234,6 +234,60 @@ def test_cpu_clean_and_flagged_tiles_are_the_same_bits(group_size, dtype):
     assert not torch.isfinite(fixed.stats.mean[9])  # the sum did overflow
 
 
+def _near(bound: float, dtype: torch.dtype, steps: int = 3) -> list[float]:
+    """bound in dtype and the values of dtype up to `steps` either side of it."""
+    x = torch.tensor(bound, dtype=dtype)
+    out, up, down = [x], x, x
+    for _ in range(steps):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        out += [up, down]
+    return [float(v) for v in out]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([8, 16, 24]),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.booleans(),
+    st.tuples(*[st.one_of(st.integers(0, 48).map(lambda i: i / 48), st.floats(0, 1))] * 2),
+    st.floats(0, 1),
+)
+def test_cpu_band_from_success_counts_is_the_pass_rates(group_size, dtype, inclusive, bounds, prior_max):
+    # In a tile of groups whose samples are all valid, the CPU kernel decides the band from each
+    # group's success count against two thresholds found once per call, and the accidental rule
+    # from the prior against a bound rounded to the dtype; elsewhere it computes k / n in double
+    # and compares the prior in double. Success counts and priors at and around the bounds must
+    # get the same reasons both ways (the same sums: see the test above).
+    lo, hi = sorted(bounds)
+    counts = sorted({*_near(lo * group_size, dtype), *_near(hi * group_size, dtype), *range(group_size + 1)})
+    counts = [k for k in counts if 0 <= k <= group_size]
+    num_groups = len(counts) + 1  # and a group to flag, the last
+    success = torch.zeros(num_groups, group_size, dtype=dtype)
+    for g, k in enumerate(counts):  # k as whole successes and one part
+        whole = min(int(k), group_size - 1)
+        success[g, :whole] = 1
+        success[g, whole] = k - whole
+    gen = torch.Generator().manual_seed(group_size)
+    rewards = torch.randn(num_groups * group_size, generator=gen, dtype=torch.float64).to(dtype)
+    priors = [p for p in _near(prior_max, dtype) if 0 <= p <= 1]
+    prior = torch.tensor([priors[g % len(priors)] for g in range(num_groups)], dtype=dtype)
+    config = AdvantageConfig(
+        band=(lo, hi), band_inclusive=inclusive, accidental_max_successes=group_size, accidental_prior_max=prior_max
+    )
+    flagged = rewards.clone()
+    flagged[-1] = float("nan")  # the last group's tile (all of them: fewer than 64 groups) is flagged
+    clean, other = (
+        bandadv.group_advantages(r, group_size, success=success.view(-1), prior=prior, config=config, backend="cpu")
+        for r in (rewards, flagged)
+    )
+    assert torch.equal(clean.stats.successes[:-1], other.stats.successes[:-1])
+    assert torch.equal(clean.reason[:-1], other.reason[:-1])
+    # and the prior is compared as a float64 would be: 1..G hits on a prompt whose prior < max
+    k = clean.stats.successes.double()
+    accidental = (k >= 1) & (k <= group_size) & (prior.double() < prior_max)
+    assert torch.equal((clean.reason & int(bandadv.Reason.ACCIDENTAL_SUCCESS)) != 0, accidental)
+
+
 def test_low_std_ties_classify_alike_on_every_backend(backend):
     # One hit in ten has population std exactly 0.3; float32 backends land on either side of it,
     # so min_std is compared with a small relative slack everywhere (found by hypothesis).
