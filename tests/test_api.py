@@ -277,6 +277,7 @@ def test_out_reuses_an_earlier_result(backend, return_index):
     before = [t.clone() for t in _tensors(first)]
     rewards = (torch.rand(33, generator=gen) < 0.5).float()
     again = bandadv.group_advantages(rewards, out=first, **kw)
+    assert again is first  # the call returns out, its tensors rewritten
     fresh = bandadv.group_advantages(rewards, **kw)
     for a, b, f in zip(_tensors(again), _tensors(first), _tensors(fresh), strict=True):
         assert a.data_ptr() == b.data_ptr() and torch.equal(a, f)

@@ -171,7 +171,8 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
     if backend == "auto":
         use_triton = rewards.is_cuda and ops.TRITON_FOR_CUDA
     elif backend == "torch":
-        return _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers)
+        result = _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers)
+        return result if buffers is None else out
     elif backend == "triton":
         use_triton = True
     else:  # cpu, cuda
@@ -191,7 +192,7 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
     outs = ops.group_advantages_op(
         rewards, group_size, offsets, success, valid, prior, cfg, return_index, triton=use_triton, out=buffers
     )  # fmt: skip
-    return _result(outs, return_index)
+    return _result(outs, return_index) if buffers is None else out
 
 
 _is_compiling = torch.compiler.is_compiling
