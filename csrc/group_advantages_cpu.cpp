@@ -47,9 +47,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 // past the caches: writes that would only evict the rewards still to be read, and whose lines
 // would first be read for ownership. 1M x 16 with out=: 10.8 -> 8.3 ms on two threads.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
-// Rewards larger than this (this VM's L2) are fetched a tile ahead in uniform tiles: the hardware
-// prefetcher alone left the first sweep of each tile waiting on memory (a third of the kernel's
-// time at 1M groups of 16, in perf). Smaller batches are left to it: the prefetches cost ~3% there.
+// Rewards larger than this (this VM's L2) are fetched a tile ahead in uniform tiles, a group at a
+// time: the hardware prefetcher alone left each tile's first sweep waiting on memory (a third of
+// the kernel's samples at 1M groups of 16, in perf), and a whole tile fetched at once stalled on
+// full miss buffers. Smaller batches are left to the hardware: the prefetches cost ~3% there.
 constexpr int64_t kFetchAheadBytes = int64_t(1) << 20;
 
 // Explicit SIMD through the GCC/Clang vector extensions, kBytes wide: 16 (SSE2, the x86-64
@@ -730,7 +731,8 @@ struct CpuGroupKernel {
     // The next tile's rewards, fetched a group's worth at a time while this tile is written (its
     // longest sweep), so that they are in the cache when the next tile's first sweep reads them.
     const char* ahead = reinterpret_cast<const char*>(rewards + base + count);
-    const int64_t ahead_bytes = fetch_ahead ? std::min(count, num_samples - base - count) * int64_t(sizeof(scalar_t)) : 0;
+    const int64_t ahead_bytes =
+        fetch_ahead ? std::min(count, num_samples - base - count) * int64_t(sizeof(scalar_t)) : 0;
     if (clean) {
       write_tile<true>(staged, base, t, vectors, rules, tile, st, ahead, ahead_bytes);
     } else {

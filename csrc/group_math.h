@@ -169,7 +169,8 @@ BANDADV_HD T next_toward(T x, T to) {
 //   double(x) <= b  <=>  x <= at_most<T>(b), the largest T at most b;
 //   double(x) <  b  <=>  x <  at_least<T>(b), the smallest T at least b.
 // (If x <= b, x is a T at most b, so at most the largest one; x < b likewise.) A group's
-// statistics are then compared in their own type, with no conversion to double per group.
+// statistics are then compared in their own type, with no conversion to double per group. (The
+// Triton kernel compares in float64, which decides the same.)
 template <typename T>
 BANDADV_HD T at_most(double b) {
   constexpr T kMax = std::numeric_limits<T>::max();

@@ -176,7 +176,8 @@ PyTypeObject* named_tuple_type(PyObject* type, const std::array<std::string_view
   std::string got;
   bool same = PyTuple_Check(names) && PyTuple_GET_SIZE(names) == static_cast<Py_ssize_t>(N);
   for (Py_ssize_t i = 0; PyTuple_Check(names) && i < PyTuple_GET_SIZE(names); ++i) {
-    const char* name = PyUnicode_Check(PyTuple_GET_ITEM(names, i)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, i)) : "?";
+    PyObject* item = PyTuple_GET_ITEM(names, i);
+    const char* name = PyUnicode_Check(item) ? PyUnicode_AsUTF8(item) : "?";
     if (name == nullptr) {
       Py_DECREF(names);
       throw python_error();

@@ -184,9 +184,9 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
                 + (f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else "")
             )
         use_triton = False
-    if not use_triton and ops.ENTRY is not None and not _is_compiling():
+    if not use_triton and _ENTRY is not None and not _is_compiling():
         # bandadv._C's entry: the op through the dispatcher, and the GroupAdvantages (see ops.ENTRY)
-        result = ops.ENTRY(rewards, group_size, offsets, success, valid, prior, cfg._op_options, return_index, buffers)
+        result = _ENTRY(rewards, group_size, offsets, success, valid, prior, cfg._op_options, return_index, buffers)
         if result is not NotImplemented:
             return result if buffers is None else out
     outs = ops.group_advantages_op(
