@@ -13,6 +13,7 @@ import torch
 
 import bandadv
 from bandadv import AdvantageConfig, Reason
+from bandadv.types import FLAG_NAMES
 from conftest import REQUIRE_EXTENSION, assert_matches_reference, extension_path, make_offsets, random_rewards
 
 
@@ -85,6 +86,26 @@ def test_metrics(backend):
     assert all(isinstance(v, float) for v in m.values())
 
 
+def test_group_flags_and_their_fractions(backend):
+    # all correct and equal; all wrong and equal; one hit in four; half; all correct, std 0.01
+    rewards = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0.6, 0.6, 0.6, 0.62]])
+    out = bandadv.group_advantages(rewards, band=(0.3, 0.9), accidental_max_successes=1, min_std=0.05, backend=backend)
+    expected = [  # FLAG_NAMES order: kept, all_correct, all_wrong, accidental, below, above, all_equal, low_std
+        [0, 1, 0, 0, 0, 1, 1, 1],
+        [0, 0, 1, 0, 1, 0, 1, 1],
+        [0, 0, 0, 1, 1, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 1, 0, 1],
+    ]
+    flags = out.group_flags()
+    assert flags.dtype == torch.bool and flags.shape == (5, len(FLAG_NAMES))
+    assert flags.int().tolist() == expected
+    m = out.metrics()
+    for j, name in enumerate(FLAG_NAMES):
+        assert m[f"{name}_fraction"] == sum(row[j] for row in expected) / 5, name
+    assert m["low_std_fraction"] == 0.6
+
+
 @pytest.mark.parametrize("layout", ["group_size", "offsets", "group_index"])
 def test_empty_batch(backend, layout):
     rewards = torch.empty(0)
@@ -96,6 +117,7 @@ def test_empty_batch(backend, layout):
     out = bandadv.group_advantages(rewards, backend=backend, return_index=True, **kwargs)
     assert out.advantages.shape == (0,) and out.reason.shape == (0,) and int(out.num_kept) == 0
     assert out.metrics()["kept_fraction"] == 0.0
+    assert out.group_flags().shape == (0, len(FLAG_NAMES))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])

@@ -364,7 +364,7 @@ def test_metrics_reach_openrlhfs_experience_info(fake_ray):
     expected = maker_.bandadv_result.metrics()
     assert (expected["all_correct_fraction"], expected["all_wrong_fraction"]) == pytest.approx((2 / 7, 1 / 7))
     for name in ("kept_fraction", "all_correct_fraction", "all_wrong_fraction", "below_band_fraction",
-                 "above_band_fraction", "all_equal_fraction", "mean_pass_rate"):  # fmt: skip
+                 "above_band_fraction", "all_equal_fraction", "low_std_fraction", "mean_pass_rate"):  # fmt: skip
         logged = torch.cat([e.info[f"bandadv/{name}"] for e in experiences]).mean()
         assert logged.item() == pytest.approx(expected[name], abs=1e-6), name
     assert expected["kept_fraction"] == pytest.approx(4 / 7)

@@ -23,6 +23,10 @@ class Reason(enum.IntFlag):
 # (csrc/op_common.h, StatRow).
 STAT_NAMES = ("successes", "mean", "std", "pass_rate", "success_var", "reward_var")
 
+# Columns of GroupAdvantages.group_flags(); metrics() reports the fraction of groups with each as
+# "<name>_fraction".
+FLAG_NAMES = ("kept", "all_correct", "all_wrong", "accidental", "below_band", "above_band", "all_equal", "low_std")
+
 
 class GroupStats(NamedTuple):
     """Per-group success statistics, each a ``[num_groups]`` tensor: ``count`` (int32) and the
@@ -101,44 +105,43 @@ class GroupAdvantages(NamedTuple):
             raise ValueError("compact() needs the result of group_advantages(..., return_index=True)")
         return self.kept_index[: int(self.num_kept)]
 
-    def metrics(self) -> dict[str, float]:
-        """Scalars for a logger, read back to the host in one transfer."""
-        groups = self.reason.numel()
-        count = self.stats.count
-        seen = count > 0
+    def group_flags(self) -> torch.Tensor:
+        """``[num_groups, len(FLAG_NAMES)]`` bool, each group's flags in FLAG_NAMES order: kept
+        (``group_mask``); all correct and all wrong (pass rate 1 or 0, of groups with a valid
+        sample); then one column per :class:`Reason` bit: accidental success, below and above the
+        band, all rewards equal, std at most ``min_std``."""
+        seen = self.stats.count > 0
         p = self.stats.pass_rate
-        kept_adv = self.advantages[self.sample_mask].abs()
+        bits = (Reason.ACCIDENTAL_SUCCESS, Reason.BELOW_BAND, Reason.ABOVE_BAND, Reason.ALL_EQUAL, Reason.LOW_STD)
+        columns = [self.group_mask, seen & (p == 1), seen & (p == 0), *((self.reason & int(b)) != 0 for b in bits)]
+        return torch.stack(columns, dim=1)
 
-        def frac(flags: torch.Tensor) -> torch.Tensor:
-            return flags.sum(dtype=torch.float64) / max(groups, 1)
-
-        def has(bit: Reason) -> torch.Tensor:
-            return frac((self.reason & int(bit)) != 0)
-
-        values = torch.stack(
+    def metrics(self) -> dict[str, float]:
+        """Scalars for a logger, read back to the host in one transfer: the fraction of groups
+        with each of :meth:`group_flags` (``<flag>_fraction``), the fraction of samples kept, the
+        mean pass rate of groups with a valid sample, and the mean and max |advantage| of the kept
+        samples."""
+        groups = self.reason.numel()
+        seen = self.stats.count > 0
+        p = self.stats.pass_rate
+        kept_adv = self.advantages[self.sample_mask].abs().to(torch.float64)
+        none = p.new_zeros((), dtype=torch.float64)
+        values = torch.cat(
             [
-                frac(self.group_mask),
-                self.num_kept.to(torch.float64) / max(self.advantages.numel(), 1),
-                frac(seen & (p == 1)),
-                frac(seen & (p == 0)),
-                has(Reason.ACCIDENTAL_SUCCESS),
-                has(Reason.BELOW_BAND),
-                has(Reason.ABOVE_BAND),
-                has(Reason.ALL_EQUAL),
-                (p.to(torch.float64) * seen).sum() / seen.sum().clamp(min=1),
-                kept_adv.to(torch.float64).mean() if kept_adv.numel() else p.new_zeros((), dtype=torch.float64),
-                kept_adv.to(torch.float64).max() if kept_adv.numel() else p.new_zeros((), dtype=torch.float64),
+                self.group_flags().sum(0, dtype=torch.float64) / max(groups, 1),
+                torch.stack(
+                    [
+                        self.num_kept.to(torch.float64) / max(self.advantages.numel(), 1),
+                        (p.to(torch.float64) * seen).sum() / seen.sum().clamp(min=1),
+                        kept_adv.mean() if kept_adv.numel() else none,
+                        kept_adv.max() if kept_adv.numel() else none,
+                    ]
+                ),
             ]
         )
         names = (
-            "kept_fraction",
+            *(f"{name}_fraction" for name in FLAG_NAMES),
             "kept_sample_fraction",
-            "all_correct_fraction",
-            "all_wrong_fraction",
-            "accidental_fraction",
-            "below_band_fraction",
-            "above_band_fraction",
-            "all_equal_fraction",
             "mean_pass_rate",
             "mean_abs_advantage",
             "max_abs_advantage",

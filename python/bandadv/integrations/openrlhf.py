@@ -62,7 +62,7 @@ from openrlhf.utils.logging_utils import init_logger
 
 from ..advantages import group_advantages
 from ..config import ACCIDENTAL_ACTIONS, AdvantageConfig
-from ..types import GroupAdvantages, Reason
+from ..types import FLAG_NAMES, GroupAdvantages
 
 logger = init_logger(__name__)
 
@@ -89,17 +89,8 @@ ARGUMENTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 OPTIONS = tuple(ARGUMENTS)
 
-# Per-group flags logged as bandadv/<name> (GroupAdvantages.metrics()'s names).
-FLAG_METRICS = (
-    "kept_fraction",
-    "all_correct_fraction",
-    "all_wrong_fraction",
-    "accidental_fraction",
-    "below_band_fraction",
-    "above_band_fraction",
-    "all_equal_fraction",
-    "low_std_fraction",
-)
+# Per-group flags logged as bandadv/<name>: GroupAdvantages.metrics()'s fractions.
+FLAG_METRICS = tuple(f"{name}_fraction" for name in FLAG_NAMES)
 
 
 # ---- options from OpenRLHF's args -----------------------------------------------------------------
@@ -295,13 +286,8 @@ def _in_rollout_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor
 
 def _logged_per_sample(out: GroupAdvantages, n: int) -> torch.Tensor:
     """``[N, len(FLAG_METRICS) + 1]`` float32: each group's flags and pass rate on its samples."""
-    seen = out.stats.count > 0
-    p = out.stats.pass_rate
-    columns = [out.group_mask, seen & (p == 1), seen & (p == 0)]
-    for bit in (Reason.ACCIDENTAL_SUCCESS, Reason.BELOW_BAND, Reason.ABOVE_BAND, Reason.ALL_EQUAL, Reason.LOW_STD):
-        columns.append((out.reason & int(bit)) != 0)
-    columns.append(p)
-    return torch.stack([c.to(torch.float32) for c in columns], dim=1).repeat_interleave(n, dim=0)
+    logged = torch.cat([out.group_flags().to(torch.float32), out.stats.pass_rate.to(torch.float32)[:, None]], dim=1)
+    return logged.repeat_interleave(n, dim=0)
 
 
 def _whiten(experiences: list, no_std_norm: bool) -> None:
@@ -382,7 +368,7 @@ def _group_flags(group: list, config: AdvantageConfig) -> torch.Tensor:
         out = group_advantages(rewards, len(group), success=success, config=config)
     except ValueError as err:
         raise ValueError(f"bandadv's dynamic filtering on the responses' scores: {err}") from None
-    return _logged_per_sample(out, 1)[0, : len(FLAG_METRICS)].to(torch.float64)
+    return out.group_flags()[0].to(torch.float64)
 
 
 # ---- installing it in OpenRLHF's Ray processes ---------------------------------------------------
