@@ -87,23 +87,32 @@ def test_metrics(backend):
 
 
 def test_group_flags_and_their_fractions(backend):
-    # all correct and equal; all wrong and equal; one hit in four; half; all correct, std 0.01
-    rewards = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0.6, 0.6, 0.6, 0.62]])
-    out = bandadv.group_advantages(rewards, band=(0.3, 0.9), accidental_max_successes=1, min_std=0.05, backend=backend)
-    expected = [  # FLAG_NAMES order: kept, all_correct, all_wrong, accidental, below, above, all_equal, low_std
-        [0, 1, 0, 0, 0, 1, 1, 1],
-        [0, 0, 1, 0, 1, 0, 1, 1],
-        [0, 0, 0, 1, 1, 0, 0, 0],
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 0, 0, 0, 1, 0, 1],
+    # Seven kinds of group, each with the flags it must have, repeated 1, 2, 4, ... 64 times so
+    # that every flag is set on a different number of groups: a flag under another's name shows.
+    kinds = [
+        ([1, 1, 1, 1], {"all_correct", "above_band", "all_equal", "low_std"}),
+        ([0, 0, 0, 0], {"all_wrong", "below_band", "all_equal", "low_std"}),
+        ([1, 0, 0, 0], {"accidental", "below_band"}),
+        ([1, 1, 0, 0], {"kept"}),
+        ([0.6, 0.6, 0.6, 0.62], {"all_correct", "above_band", "low_std"}),  # all successes, std 0.01
+        ([1, 1, 1, 0], {"above_band"}),  # pass rate 0.75
+        ([0.1, 0.1, 0.1, 0.12], {"all_wrong", "below_band", "low_std"}),  # no success, std 0.01
     ]
+    assert set().union(*(names for _, names in kinds)) == set(FLAG_NAMES)
+    repeats = torch.tensor([2**i for i in range(len(kinds))])
+    rewards = torch.tensor([r for r, _ in kinds]).repeat_interleave(repeats, dim=0)
+    out = bandadv.group_advantages(rewards, band=(0.3, 0.7), accidental_max_successes=1, min_std=0.05, backend=backend)
     flags = out.group_flags()
-    assert flags.dtype == torch.bool and flags.shape == (5, len(FLAG_NAMES))
-    assert flags.int().tolist() == expected
+    assert flags.dtype == torch.bool and flags.shape == (rewards.shape[0], len(FLAG_NAMES))
     m = out.metrics()
+    counts = set()
     for j, name in enumerate(FLAG_NAMES):
-        assert m[f"{name}_fraction"] == sum(row[j] for row in expected) / 5, name
-    assert m["low_std_fraction"] == 0.6
+        expected = torch.tensor([name in names for _, names in kinds]).repeat_interleave(repeats)
+        assert torch.equal(flags[:, j], expected), name
+        count = sum(2**i for i, (_, names) in enumerate(kinds) if name in names)
+        assert m[f"{name}_fraction"] == count / rewards.shape[0], name
+        counts.add(count)
+    assert len(counts) == len(FLAG_NAMES)  # the premise: no two flags on as many groups
 
 
 @pytest.mark.parametrize("layout", ["group_size", "offsets", "group_index"])

@@ -358,16 +358,17 @@ def test_pass_rates_count_scores_not_shaped_rewards(fake_ray):
 def test_metrics_reach_openrlhfs_experience_info(fake_ray):
     """bandadv/<key> per sample in `info`: OpenRLHF's actor logs their sample means, which are
     GroupAdvantages.metrics()'s fractions; they survive the replay buffer's split and batch."""
-    args = make_args("group_norm", bandadv={"band": [0.1, 0.9], "mask_all_equal": True})
-    maker_ = maker(bo.BandadvExperienceMaker, args)
+    options = {"band": [0.1, 0.9], "mask_all_equal": True, "accidental_max_successes": 1, "min_std": 0.3}
+    maker_ = maker(bo.BandadvExperienceMaker, make_args("group_norm", bandadv=options))
     experiences = maker_.make_experience_batch(rollout([*SCORES, [1, 1, 1, 1]]))
     expected = maker_.bandadv_result.metrics()
-    assert (expected["all_correct_fraction"], expected["all_wrong_fraction"]) == pytest.approx((2 / 7, 1 / 7))
-    for name in ("kept_fraction", "all_correct_fraction", "all_wrong_fraction", "below_band_fraction",
-                 "above_band_fraction", "all_equal_fraction", "low_std_fraction", "mean_pass_rate"):  # fmt: skip
+    # all correct, all wrong, accidental, std <= 0.3 (the three all-equal groups), kept
+    assert [expected[f"{name}_fraction"] for name in ("all_correct", "all_wrong", "accidental", "low_std", "kept")] == (
+        pytest.approx([2 / 7, 1 / 7, 1 / 7, 3 / 7, 3 / 7])
+    )
+    for name in (*bo.FLAG_METRICS, "mean_pass_rate"):
         logged = torch.cat([e.info[f"bandadv/{name}"] for e in experiences]).mean()
         assert logged.item() == pytest.approx(expected[name], abs=1e-6), name
-    assert expected["kept_fraction"] == pytest.approx(4 / 7)
     items = [item for e in experiences for item in split_experience_batch(e)]  # the replay buffer
     batch = make_experience_batch(items)
     logged = torch.tensor(batch.info["bandadv/kept_fraction"], dtype=torch.float)  # as the actor's training_step
