@@ -96,7 +96,8 @@ def group_advantages(
             result = _ENTRY(rewards, group_size or 0, offsets, success, valid, prior, cfg._op_options, return_index)
             if result is not NotImplemented:
                 return result
-    return _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
+    result = _run(rewards, group_size or 0, offsets, success, valid, prior, cfg, backend, return_index, out)
+    return result if out is None else out  # out= gives back the caller's out, whichever path wrote it
 
 
 def _check_layout(group_size, offsets, group_index) -> None:
@@ -165,14 +166,14 @@ def _check_values(rewards, group_size, offsets, success, valid, prior, backend) 
             raise ValueError("prior must lie in [0, 1] (NaN for prompts with no estimate)")
 
 
-def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index, out=None) -> GroupAdvantages:
-    """One op call on the backend asked for, and its result."""
+def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, return_index, out=None):
+    """One op call on the backend asked for, and its result, a GroupAdvantages (with out=, the
+    eager entry's is None: the caller returns its `out` in either case)."""
     buffers = _op_buffers(out, rewards, return_index) if out is not None else None
     if backend == "auto":
         use_triton = rewards.is_cuda and ops.TRITON_FOR_CUDA
     elif backend == "torch":
-        result = _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers)
-        return result if buffers is None else out
+        return _run_reference(rewards, group_size, offsets, success, valid, prior, cfg, return_index, buffers)
     elif backend == "triton":
         use_triton = True
     else:  # cpu, cuda
@@ -188,11 +189,11 @@ def _run(rewards, group_size, offsets, success, valid, prior, cfg, backend, retu
         # bandadv._C's entry: the op through the dispatcher, and the GroupAdvantages (see ops.ENTRY)
         result = _ENTRY(rewards, group_size, offsets, success, valid, prior, cfg._op_options, return_index, buffers)
         if result is not NotImplemented:
-            return result if buffers is None else out
+            return result
     outs = ops.group_advantages_op(
         rewards, group_size, offsets, success, valid, prior, cfg, return_index, triton=use_triton, out=buffers
     )  # fmt: skip
-    return _result(outs, return_index) if buffers is None else out
+    return _result(outs, return_index)
 
 
 _is_compiling = torch.compiler.is_compiling
